@@ -1,0 +1,224 @@
+"""The `aigcbot` command line: run the bot, generate once, inspect and cancel jobs.
+
+Every error the user can cause ends in one line on stderr and a nonzero exit status.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Callable, Coroutine
+from datetime import UTC, datetime
+from typing import Any
+
+from bot.settings import Settings, SettingsError, load_settings
+from generators.base import GeneratorError
+from generators.queue import QueueError
+from storage.database import StorageError
+from storage.jobs import JobNotFound, JobRecord, NewJob, QuotaExceeded
+
+EXPECTED_ERRORS = (SettingsError, StorageError, GeneratorError, QueueError, QuotaExceeded, JobNotFound,
+                   PermissionError)
+
+
+class CliError(Exception):
+    """A one-line error for the user."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="aigcbot", description="Self-hosted generative-AI Discord bot.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="start the bot (Discord when DISCORD_TOKEN is set, else the console)")
+    run.add_argument("--console", action="store_true", help="use the local console even with a token")
+    run.add_argument("--http", action="store_true", help="serve Discord's HTTP interactions endpoint")
+    run.add_argument("--host", default="127.0.0.1", help="address for --http (default 127.0.0.1)")
+    run.add_argument("--port", type=int, default=8080, help="port for --http (default 8080)")
+
+    generate = sub.add_parser("generate", help="generate once through the queue and print the result")
+    gen_sub = generate.add_subparsers(dest="kind", required=True)
+    text = gen_sub.add_parser("text", help="generate text")
+    text.add_argument("prompt")
+    text.add_argument("--model", help="model name, Hugging Face id or local folder")
+    text.add_argument("--max-new-tokens", type=int)
+    text.add_argument("--temperature", type=float)
+    text.add_argument("--top-p", type=float)
+    text.add_argument("--top-k", type=int)
+    text.add_argument("--repetition-penalty", type=float)
+    text.add_argument("--seed", type=int)
+    text.add_argument("--json", action="store_true", help="print a JSON object")
+
+    jobs = sub.add_parser("jobs", help="list, show or cancel jobs")
+    jobs_sub = jobs.add_subparsers(dest="action", required=True)
+    listing = jobs_sub.add_parser("list", help="recent jobs")
+    listing.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled", "expired"])
+    listing.add_argument("--user", help="only this requester")
+    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--json", action="store_true")
+    show = jobs_sub.add_parser("show", help="one job")
+    show.add_argument("job_id", type=int)
+    show.add_argument("--json", action="store_true")
+    cancel = jobs_sub.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("job_id", type=int)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        settings = load_settings()
+        from bot.logs import configure_logging
+
+        token = settings.discord_token.get_secret_value() if settings.discord_token else ""
+        quiet = args.command != "run"
+        configure_logging("WARNING" if quiet else settings.log_level, secrets=[token])
+        handler = COMMANDS[args.command]
+        return handler(settings, args)
+    except EXPECTED_ERRORS as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except CliError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+# --- run -----------------------------------------------------------------------------------
+def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    if args.http:
+        from bot.http_app import run_http  # type: ignore[import-not-found]
+
+        print(f"aigc-bot: serving Discord HTTP interactions on http://{args.host}:{args.port}/interactions",
+              file=sys.stderr)
+        return _run_async(run_http(settings, args.host, args.port))
+    if settings.discord_token and not args.console:
+        from bot.gateway import run_gateway  # type: ignore[import-not-found]
+
+        print("aigc-bot: connecting to Discord over the gateway", file=sys.stderr)
+        return _run_async(run_gateway(settings))
+    print("aigc-bot: no DISCORD_TOKEN set — starting the local console "
+          f"(text model: {settings.text_model})", file=sys.stderr)
+    return _run_async(_console(settings))
+
+
+async def _console(settings: Settings) -> int:
+    from bot.console import Console
+    from bot.services import build_services
+
+    services = await build_services(settings)
+    try:
+        return await Console(services).run()
+    finally:
+        await services.close()
+
+
+# --- generate ------------------------------------------------------------------------------
+def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
+    params: dict[str, Any] = {}
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+        value = getattr(args, name, None)
+        if value is not None:
+            params[name] = value
+    return _run_async(_generate(settings, args.kind, args.prompt, params, args.model, args.json))
+
+
+async def _generate(settings: Settings, kind: str, prompt: str, params: dict[str, Any], model: str | None,
+                    as_json: bool) -> int:
+    from bot.services import build_services, make_registry
+
+    registry = make_registry(settings)
+    # Validate before touching the database, so bad input leaves nothing behind.
+    generator = registry.get(kind, model)
+    await asyncio.to_thread(generator.check, prompt, params)
+    services = await build_services(settings, recover=False, load_backlog=False, registry=registry)
+    try:
+        user = f"cli:{_username()}"
+        record = await services.queue.submit(
+            NewJob(kind=kind, model=model or "", prompt=prompt, requester=user, source="cli", params=params),
+            enforce_quota=False,
+        )
+        record = await services.queue.wait(record.id)
+    finally:
+        await services.close()
+    _print_record(record, as_json, full=True)
+    return 0 if record.status == "succeeded" else 1
+
+
+# --- jobs ----------------------------------------------------------------------------------
+def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
+    from storage.database import open_database
+    from storage.jobs import SqliteJobStore
+
+    if not settings.db_file.exists():
+        raise CliError(f"no database at {settings.db_file} yet; nothing has run")
+    db = open_database(settings.db_file)
+    store = SqliteJobStore(db)
+    try:
+        if args.action == "list":
+            statuses = [args.status] if args.status else None
+            records = store.list_jobs(args.user, statuses, args.limit)
+            if args.json:
+                print(json.dumps([r.to_json() for r in records], indent=2))
+            else:
+                for record in records:
+                    print(_line(record))
+                if not records:
+                    print("no jobs", file=sys.stderr)
+            return 0
+        if args.action == "show":
+            _print_record(store.get(args.job_id), args.json, full=True)
+            return 0
+        status = store.cancel(args.job_id)
+        if status in ("cancelled", "cancelling"):
+            print(f"job {args.job_id}: {status}")
+            return 0
+        raise CliError(f"job {args.job_id} has already finished ({status})")
+    finally:
+        db.close()
+
+
+# --- output --------------------------------------------------------------------------------
+def _print_record(record: JobRecord, as_json: bool, full: bool) -> None:
+    if as_json:
+        print(json.dumps(record.to_json(), indent=2))
+        return
+    if record.status == "succeeded":
+        text = (record.result or {}).get("text")
+        if text:
+            print(text)
+        for artifact in record.artifacts:
+            print(artifact.path)
+        print(f"job {record.id}: succeeded", file=sys.stderr)
+    else:
+        print(f"error: job {record.id} {record.status}: {record.error}", file=sys.stderr)
+
+
+def _line(record: JobRecord) -> str:
+    created = datetime.fromtimestamp(record.created_at, UTC).strftime("%Y-%m-%d %H:%M")
+    prompt = " ".join(record.prompt.split())
+    prompt = prompt if len(prompt) <= 50 else prompt[:49] + "…"
+    return f"{record.id:>6}  {record.status:<10} {record.kind:<6} {created}  {record.requester:<20} {prompt}"
+
+
+def _username() -> str:
+    from bot.console import _username as name
+
+    return name()
+
+
+def _run_async(coro: Coroutine[Any, Any, int]) -> int:
+    return asyncio.run(coro)
+
+
+COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
+    "run": cmd_run,
+    "generate": cmd_generate,
+    "jobs": cmd_jobs,
+}
+
+if __name__ == "__main__":
+    sys.exit(main())

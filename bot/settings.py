@@ -1,0 +1,162 @@
+"""Every setting of the bot, declared once, read from the environment and `.env`.
+
+`load_settings()` validates everything at start; a bad value raises `SettingsError` whose
+message names the setting, and the CLI prints it as one line and exits nonzero.
+Secrets are `SecretStr`, so they never show up in a repr, a log line or an error.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import SettingsError as SourceError
+
+
+class SettingsError(Exception):
+    """A setting has a bad value; the message names it."""
+
+
+def _env(name: str) -> AliasChoices:
+    return AliasChoices(name)
+
+
+class Settings(BaseSettings):
+    """The bot's configuration. Field aliases are the environment variable names."""
+
+    model_config = SettingsConfigDict(
+        env_file=".env", env_file_encoding="utf-8", extra="ignore", populate_by_name=True,
+        env_ignore_empty=True,
+    )
+
+    # --- storage -----------------------------------------------------------------------------
+    data_dir: Path = Field(
+        Path("data"), validation_alias=_env("AIGC_DATA_DIR"),
+        description="Folder for generated files, converted models and the database.",
+    )
+    database_path: Path | None = Field(
+        None, validation_alias=_env("AIGC_DATABASE"),
+        description="SQLite database file (default: AIGC_DATA_DIR/aigcbot.sqlite3).",
+    )
+
+    model_cache: Path | None = Field(
+        None, validation_alias=_env("AIGC_MODEL_CACHE"),
+        description="Folder for converted models (default: AIGC_DATA_DIR/models).",
+    )
+
+    # --- text model --------------------------------------------------------------------------
+    text_model: str = Field(
+        "smollm2", validation_alias=_env("AIGC_TEXT_MODEL"),
+        description="'smollm2' (packaged SmolLM2-135M-Instruct), a Hugging Face model id, "
+        "or a local folder.",
+    )
+    quantization: Literal["auto", "none", "bf16", "int8-dynamic", "bnb-4bit", "bnb-8bit"] = Field(
+        "auto", validation_alias=_env("AIGC_QUANTIZATION"),
+        description="auto: bitsandbytes 4-bit on CUDA, the measured best mode on CPU.",
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", validation_alias=_env("AIGC_DEVICE"))
+    system_prompt: str = Field(
+        "You are a friendly, concise assistant in a Discord server.",
+        validation_alias=_env("AIGC_SYSTEM_PROMPT"),
+    )
+    max_prompt_chars: int = Field(4000, ge=1, le=100_000, validation_alias=_env("AIGC_MAX_PROMPT_CHARS"))
+    max_new_tokens: int = Field(256, ge=1, le=4096, validation_alias=_env("AIGC_MAX_NEW_TOKENS"))
+    text_max_batch: int = Field(8, ge=1, le=64, validation_alias=_env("AIGC_TEXT_MAX_BATCH"))
+    model_memory_budget_mb: int = Field(
+        8192, ge=64, validation_alias=_env("AIGC_MODEL_MEMORY_MB"),
+        description="Resident models are evicted (least recently used first) above this.",
+    )
+
+    # --- queue -------------------------------------------------------------------------------
+    max_pending_per_user: int = Field(5, ge=1, le=1000, validation_alias=_env("AIGC_MAX_PENDING_PER_USER"))
+    job_timeout_s: float = Field(300.0, gt=0, le=86_400, validation_alias=_env("AIGC_JOB_TIMEOUT_S"))
+    max_attempts: int = Field(3, ge=1, le=20, validation_alias=_env("AIGC_MAX_ATTEMPTS"))
+
+    # --- discord -----------------------------------------------------------------------------
+    discord_token: SecretStr | None = Field(None, validation_alias=_env("DISCORD_TOKEN"))
+    discord_application_id: int | None = Field(None, validation_alias=_env("DISCORD_APPLICATION_ID"))
+    discord_public_key: str | None = Field(None, validation_alias=_env("DISCORD_PUBLIC_KEY"))
+    discord_dev_guild_ids: Annotated[list[int], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("DISCORD_DEV_GUILD_IDS"),
+        description="Comma-separated guild ids to sync commands to; empty: sync globally.",
+    )
+    discord_moderator_role: str = Field("Moderator", validation_alias=_env("DISCORD_MODERATOR_ROLE"))
+    discord_api_base: str = Field(
+        "https://discord.com/api/v10", validation_alias=_env("DISCORD_API_BASE")
+    )
+    discord_gateway_url: str = Field(
+        "wss://gateway.discord.gg/", validation_alias=_env("DISCORD_GATEWAY_URL")
+    )
+
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", validation_alias=_env("AIGC_LOG_LEVEL")
+    )
+
+    @field_validator("discord_dev_guild_ids", mode="before")
+    @classmethod
+    def _split_ids(cls, value: object) -> object:
+        if isinstance(value, str):
+            parts = [part for part in value.replace(" ", "").split(",") if part]
+            if not all(part.isdigit() for part in parts):
+                raise ValueError("expected comma-separated numeric guild ids, e.g. 1234567890,9876543210")
+            return [int(part) for part in parts]
+        if isinstance(value, int):
+            return [value]
+        return value
+
+    @field_validator("discord_public_key")
+    @classmethod
+    def _hex_key(cls, value: str | None) -> str | None:
+        if value and (len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value)):
+            raise ValueError("expected 64 hexadecimal characters (32-byte Ed25519 key)")
+        return value or None
+
+    @field_validator("discord_api_base", "discord_gateway_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if "://" not in value:
+            raise ValueError("expected a URL such as https://discord.com/api/v10")
+        return value
+
+    @property
+    def db_file(self) -> Path:
+        return self.database_path or self.data_dir / "aigcbot.sqlite3"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    @property
+    def models_dir(self) -> Path:
+        return self.model_cache or self.data_dir / "models"
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read and validate the settings; raise SettingsError naming the first bad one."""
+    try:
+        return Settings(**overrides)  # type: ignore[arg-type]
+    except SourceError as exc:
+        raise SettingsError(f"setting {_source_field(str(exc))}: cannot parse the value") from None
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field_name = str(error["loc"][0]) if error["loc"] else "?"
+        env_name = _env_name(field_name)
+        message = error["msg"].removeprefix("Value error, ")
+        raise SettingsError(f"setting {env_name}: {message}") from None
+
+
+def _source_field(message: str) -> str:
+    for name in Settings.model_fields:
+        if f'"{name}"' in message:
+            return _env_name(name)
+    return "?"
+
+
+def _env_name(field_name: str) -> str:
+    field = Settings.model_fields.get(field_name)
+    alias = getattr(field, "validation_alias", None) if field else None
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return field_name

@@ -1,0 +1,494 @@
+"""The async generation queue: persistent, fair, cancellable, batched.
+
+- A job is written to the store before the caller hears back (``submit``). States:
+  queued → running → succeeded | failed | cancelled | expired.
+- One lane per kind of work (text, image, audio, training), each with its own worker task
+  and its own model thread, so a long job in one lane never blocks another.
+- Inside a lane: higher priority first, then round-robin across requesters (each job gets
+  a "round": a user's n-th waiting job runs in round n), then arrival order.
+- Compatible waiting jobs (equal ``Generator.batch_key``) run in one ``generate`` call.
+- Model work runs on the lane's thread; its callbacks come back to the loop through
+  ``call_soon_threadsafe``. Listeners hear positions, start, progress, partial output and
+  the final record.
+- Cancel: a queued job is removed at once; a running one stops cooperatively. Each job has
+  a timeout. On start, jobs left running by a dead worker are queued again (bounded
+  attempts); on stop, running jobs are put back in the queue for the next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from generators.base import Cancelled, GeneratorError, Output, Request, Result
+from generators.registry import ModelRegistry
+from storage.database import AsyncDatabase
+from storage.jobs import Artifact, JobNotFound, JobRecord, JobStore, NewJob, QuotaExceeded
+
+log = logging.getLogger(__name__)
+
+LANES = ("text", "image", "audio", "training")
+HEARTBEAT_S = 2.0
+LEASE_S = 120.0  # a worker on another host is presumed dead after this long without a heartbeat
+
+
+class QueueError(Exception):
+    """A request the queue refuses; the message is for the user."""
+
+
+@dataclass
+class JobEvent:
+    """What listeners hear about a job."""
+
+    job_id: int
+    type: str  # queued | position | started | progress | partial | finished
+    position: int | None = None
+    progress: float | None = None
+    note: str = ""
+    text: str | None = None
+    record: JobRecord | None = None
+
+
+Listener = Callable[[JobEvent], None]
+
+
+@dataclass
+class QueueConfig:
+    max_pending_per_user: int = 5
+    job_timeout_s: float = 300.0
+    max_attempts: int = 3
+    artifacts_dir: Path = Path("data/artifacts")
+    lanes: tuple[str, ...] = LANES
+
+
+@dataclass
+class _Waiting:
+    record: JobRecord
+    round: int
+    seq: int
+
+    @property
+    def order(self) -> tuple[int, int, int]:
+        return (-self.record.priority, self.round, self.seq)
+
+
+@dataclass
+class _Lane:
+    kind: str
+    executor: ThreadPoolExecutor
+    waiting: list[_Waiting] = field(default_factory=list)
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    user_round: dict[str, int] = field(default_factory=dict)
+    served_round: int = 0
+    running: dict[int, Request] = field(default_factory=dict)
+    busy: bool = False
+    task: asyncio.Task[None] | None = None
+
+    def add(self, record: JobRecord, seq: int) -> None:
+        # A user's next job goes one round after their last waiting one, but never before
+        # the round being served: a newcomer is served right after the current round.
+        round_ = max(self.user_round.get(record.requester, 0), self.served_round) + 1
+        self.user_round[record.requester] = round_
+        self.waiting.append(_Waiting(record, round_, seq))
+        self.wakeup.set()
+
+    def ordered(self) -> list[_Waiting]:
+        return sorted(self.waiting, key=lambda w: w.order)
+
+    def remove(self, job_id: int) -> _Waiting | None:
+        for item in self.waiting:
+            if item.record.id == job_id:
+                self.waiting.remove(item)
+                return item
+        return None
+
+
+class GenerationQueue:
+    """See the module docstring. Build it, ``await start()``, ``submit`` jobs, ``await stop()``."""
+
+    def __init__(self, store: JobStore, registry: ModelRegistry, config: QueueConfig | None = None,
+                 db: AsyncDatabase | None = None) -> None:
+        self.store = store
+        self.registry = registry
+        self.config = config or QueueConfig()
+        self._db = db or AsyncDatabase()
+        self._owns_db = db is None
+        self.worker_id = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._lanes: dict[str, _Lane] = {}
+        self._listeners: dict[int, list[Listener]] = {}
+        self._global: list[Listener] = []
+        self._positions: dict[int, int] = {}
+        self._seq = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._started = False
+        self._stopping = False
+        self._timed_out: set[int] = set()
+        self._idle = asyncio.Event()
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def start(self, *, recover: bool = True, load_backlog: bool = True) -> None:
+        """Recover jobs of crashed workers, load the persisted backlog, start the lanes."""
+        self._loop = asyncio.get_running_loop()
+        for kind in self.config.lanes:
+            self._lanes[kind] = _Lane(kind, ThreadPoolExecutor(1, thread_name_prefix=f"lane-{kind}"))
+        if recover:
+            requeued, failed = await self._db.run(self.store.recover, self.config.max_attempts, self._is_dead)
+            if requeued or failed:
+                log.warning("recovered interrupted jobs: %d queued again, %d failed", len(requeued), len(failed))
+        if load_backlog:
+            for record in await self._db.run(self.store.queued, list(self._lanes)):
+                self._lanes[record.kind].add(record, next(self._seq))
+        for lane in self._lanes.values():
+            lane.task = asyncio.create_task(self._run_lane(lane), name=f"lane-{lane.kind}")
+        self._started = True
+        self._publish_all_positions()
+
+    async def stop(self, grace_s: float = 10.0) -> None:
+        """Stop the lanes; jobs still running are put back in the queue for the next start."""
+        if not self._started:
+            return
+        self._stopping = True
+        for lane in self._lanes.values():
+            for request in lane.running.values():
+                request.cancel_event.set()
+            lane.wakeup.set()
+        tasks = [lane.task for lane in self._lanes.values() if lane.task]
+        _, pending = await asyncio.wait(tasks, timeout=grace_s) if tasks else (set(), set())
+        if pending:
+            # A model that ignores its cancel flag: give its jobs back to the next start.
+            stuck = [job_id for lane in self._lanes.values() for job_id in lane.running]
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+            for job_id in stuck:
+                await self._db.run(self.store.requeue, job_id, "interrupted by shutdown; queued again")
+        for lane in self._lanes.values():
+            lane.executor.shutdown(wait=False, cancel_futures=True)
+        if self._owns_db:
+            self._db.close()
+        self._started = False
+
+    # --- submitting -----------------------------------------------------------------------
+    async def check(self, kind: str, model: str | None, prompt: str, params: dict[str, Any]
+                    ) -> tuple[str, dict[str, Any]]:
+        """Validate a request without queueing it: (model name, normalised params)."""
+        if kind not in self._lanes and self._started:
+            raise QueueError(f"{kind} generation is not available")
+        generator = self.registry.get(kind, model)
+        checked = await asyncio.to_thread(generator.check, prompt, params)
+        return self.registry.model_name(kind, model), checked
+
+    async def submit(self, job: NewJob, *, enforce_quota: bool = True) -> JobRecord:
+        """Validate, persist, then queue a job. Raises GeneratorError / QuotaExceeded."""
+        if self._stopping or not self._started:
+            raise QueueError("the bot is shutting down; try again in a moment")
+        job.model, job.params = await self.check(job.kind, job.model or None, job.prompt, job.params)
+        limit = self.config.max_pending_per_user if enforce_quota else None
+        record = await self._db.run(self.store.create_job, job, limit)
+        self._lanes[record.kind].add(record, next(self._seq))
+        self._idle.clear()
+        self._emit(JobEvent(record.id, "queued", record=record))
+        self._publish_positions(self._lanes[record.kind])
+        return record
+
+    # --- watching -------------------------------------------------------------------------
+    def subscribe(self, job_id: int, listener: Listener) -> Callable[[], None]:
+        """Call ``listener`` on the loop for every event of one job; returns an unsubscribe."""
+        self._listeners.setdefault(job_id, []).append(listener)
+        position = self._positions.get(job_id)
+        if position is not None:
+            listener(JobEvent(job_id, "position", position=position))
+
+        def unsubscribe() -> None:
+            listeners = self._listeners.get(job_id, [])
+            if listener in listeners:
+                listeners.remove(listener)
+            if not listeners:
+                self._listeners.pop(job_id, None)
+
+        return unsubscribe
+
+    def add_listener(self, listener: Listener) -> None:
+        """Hear every job's events (e.g. to deliver results of jobs recovered after a restart)."""
+        self._global.append(listener)
+
+    async def watch(self, job_id: int) -> AsyncIterator[JobEvent]:
+        """Events of one job until it finishes (the last event has type 'finished')."""
+        events: asyncio.Queue[JobEvent] = asyncio.Queue()
+        unsubscribe = self.subscribe(job_id, events.put_nowait)
+        try:
+            record = await self.get(job_id)
+            if record.final:
+                yield JobEvent(job_id, "finished", record=record)
+                return
+            while True:
+                event = await events.get()
+                yield event
+                if event.type == "finished":
+                    return
+        finally:
+            unsubscribe()
+
+    async def wait(self, job_id: int) -> JobRecord:
+        record: JobRecord | None = None
+        async for event in self.watch(job_id):
+            record = event.record
+        assert record is not None
+        return record
+
+    async def get(self, job_id: int) -> JobRecord:
+        return await self._db.run(self.store.get, job_id)
+
+    async def active_jobs(self, requester: str) -> list[JobRecord]:
+        """A user's queued and running jobs, oldest first."""
+        records = await self._db.run(self.store.list_jobs, requester, ("queued", "running"), 100)
+        return list(reversed(records))
+
+    def position(self, job_id: int) -> int | None:
+        """1-based place among the waiting jobs of its lane; 0 while running; None if unknown."""
+        return self._positions.get(job_id)
+
+    async def drain(self) -> None:
+        """Wait until every lane is empty and idle (burst mode: tests and one-shot CLI runs)."""
+        while any(lane.waiting or lane.busy for lane in self._lanes.values()):
+            self._idle.clear()
+            await self._idle.wait()
+
+    # --- cancelling -----------------------------------------------------------------------
+    async def cancel(self, job_id: int, requester: str | None = None) -> str:
+        """Cancel a job. With ``requester``, only that user's own jobs; None = moderator.
+        Returns 'cancelled', 'cancelling' (running, stopping soon) or the final status."""
+        record = await self.get(job_id)
+        if requester is not None and record.requester != requester:
+            raise PermissionError("you can only cancel your own jobs")
+        status = await self._db.run(self.store.cancel, job_id)
+        lane = self._lanes.get(record.kind)
+        if lane is not None:
+            if status == "cancelled" and lane.remove(job_id):
+                self._finished(await self.get(job_id))
+                self._publish_positions(lane)
+            request = lane.running.get(job_id)
+            if request is not None:
+                request.cancel_event.set()
+        return status
+
+    # --- the lane worker ------------------------------------------------------------------
+    async def _run_lane(self, lane: _Lane) -> None:
+        while not self._stopping:
+            if not lane.waiting:
+                self._idle.set()
+                lane.wakeup.clear()
+                await lane.wakeup.wait()
+                continue
+            batch = self._take_batch(lane)
+            lane.busy = True
+            try:
+                claimed = set(await self._db.run(self.store.claim, [w.record.id for w in batch], self.worker_id))
+                batch = [w for w in batch if w.record.id in claimed]
+                self._publish_positions(lane)
+                if batch:
+                    await self._execute(lane, batch)
+            except Exception:  # the lane must survive anything; jobs are failed, not lost
+                log.exception("lane %s: unexpected error", lane.kind)
+                for item in batch:
+                    await self._fail(item.record.id, "internal error; see the bot's log")
+            finally:
+                lane.busy = False
+        self._idle.set()
+
+    def _take_batch(self, lane: _Lane) -> list[_Waiting]:
+        ordered = lane.ordered()
+        first = ordered[0]
+        generator = self.registry.get(lane.kind, first.record.model)
+        batch = [first]
+        if generator.max_batch_size > 1:
+            key = generator.batch_key(self._request(first.record))
+            for item in ordered[1:]:
+                if len(batch) >= generator.max_batch_size:
+                    break
+                if item.record.model == first.record.model and \
+                        generator.batch_key(self._request(item.record)) == key:
+                    batch.append(item)
+        for item in batch:
+            lane.waiting.remove(item)
+        lane.served_round = max(lane.served_round, first.round)
+        return batch
+
+    def _request(self, record: JobRecord) -> Request:
+        return Request(job_id=record.id, prompt=record.prompt, params=record.params,
+                       seed=record.params.get("seed"))
+
+    async def _execute(self, lane: _Lane, batch: list[_Waiting]) -> None:
+        loop = asyncio.get_running_loop()
+        records = [w.record for w in batch]
+        requests = []
+        for record in records:
+            request = self._request(record)
+            request.on_progress = self._threadsafe_progress(record.id)
+            request.on_partial = self._threadsafe_partial(record.id)
+            requests.append(request)
+            lane.running[record.id] = request
+            self._positions[record.id] = 0
+            self._emit(JobEvent(record.id, "started", position=0))
+        timers = [loop.call_later(self.config.job_timeout_s, self._time_out, r) for r in requests]
+        watcher = asyncio.create_task(self._heartbeat(requests))
+        model = records[0].model
+        try:
+            results: list[Result] | None = await loop.run_in_executor(
+                lane.executor, self._generate, lane.kind, model, requests)
+            error: str | None = None
+        except Cancelled:
+            results, error = None, "cancelled"
+        except GeneratorError as exc:
+            results, error = None, str(exc)
+        except Exception as exc:
+            log.exception("generation failed for jobs %s", [r.id for r in records])
+            results, error = None, f"generation failed ({type(exc).__name__}); see the bot's log"
+        finally:
+            for timer in timers:
+                timer.cancel()
+            watcher.cancel()
+            for record in records:
+                lane.running.pop(record.id, None)
+        for index, (record, request) in enumerate(zip(records, requests, strict=True)):
+            result = results[index] if results else None
+            await self._settle(record, request, result, error)
+
+    def _generate(self, kind: str, model: str, requests: list[Request]) -> list[Result]:
+        with self.registry.acquire(kind, model) as generator:
+            results = generator.generate(requests)
+        if len(results) != len(requests):
+            raise GeneratorError("the generator returned the wrong number of results")
+        return results
+
+    async def _settle(self, record: JobRecord, request: Request, result: Result | None,
+                      error: str | None) -> None:
+        job_id = record.id
+        if self._stopping and request.cancel_event.is_set() and job_id not in self._timed_out:
+            # Shutting down mid-job: hand the job to the next start instead of losing it.
+            await self._db.run(self.store.requeue, job_id, "interrupted by shutdown; queued again")
+            return
+        if job_id in self._timed_out:
+            self._timed_out.discard(job_id)
+            await self._fail(job_id, f"timed out after {self.config.job_timeout_s:g} s")
+        elif request.cancel_event.is_set() or (result is not None and result.cancelled) or error == "cancelled":
+            await self._fail(job_id, "cancelled", status="cancelled")
+        elif result is None:
+            await self._fail(job_id, error or "generation failed")
+        else:
+            artifacts = await asyncio.to_thread(self._write_outputs, job_id, result.outputs)
+            payload = {"text": result.text, "metadata": result.metadata}
+            tokens = int(result.metadata.get("tokens", 0))
+            if await self._db.run(self.store.finish, job_id, payload, artifacts, tokens):
+                self._finished(await self.get(job_id))
+            else:  # cancelled from elsewhere meanwhile: drop the files, report what stands
+                for artifact in artifacts:
+                    Path(artifact.path).unlink(missing_ok=True)
+                self._finished(await self.get(job_id))
+
+    async def _fail(self, job_id: int, error: str, status: str = "failed") -> None:
+        await self._db.run(self.store.fail, job_id, error, status)
+        self._finished(await self.get(job_id))
+
+    def _write_outputs(self, job_id: int, outputs: list[Output]) -> list[Artifact]:
+        folder = self.config.artifacts_dir / str(job_id)
+        artifacts = []
+        for output in outputs:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / Path(output.filename).name
+            partial = path.with_name(path.name + ".partial")
+            partial.write_bytes(output.data)
+            partial.replace(path)  # a file is either complete or absent
+            artifacts.append(Artifact(path=str(path), mime=output.mime, size=len(output.data),
+                                      sha256=hashlib.sha256(output.data).hexdigest()))
+        return artifacts
+
+    def _time_out(self, request: Request) -> None:
+        self._timed_out.add(request.job_id)
+        request.cancel_event.set()
+
+    async def _heartbeat(self, requests: list[Request]) -> None:
+        """Keep the claim alive and pick up cancels requested by other processes (the CLI)."""
+        ids = [r.job_id for r in requests]
+        while True:
+            await asyncio.sleep(HEARTBEAT_S)
+            await self._db.run(self.store.heartbeat, ids)
+            for job_id in await self._db.run(self.store.cancel_requested, ids):
+                for request in requests:
+                    if request.job_id == job_id:
+                        request.cancel_event.set()
+
+    def _is_dead(self, worker: str | None, heartbeat_at: float | None) -> bool:
+        if not worker:
+            return True
+        host, _, rest = worker.partition(":")
+        pid_text, _, _token = rest.partition(":")
+        if host != socket.gethostname():
+            return heartbeat_at is None or time.time() - heartbeat_at > LEASE_S
+        if worker == self.worker_id:
+            return False
+        if not pid_text.isdigit():
+            return True
+        pid = int(pid_text)
+        if pid == os.getpid():
+            return True  # an earlier queue of this same process, now gone
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:
+            return False
+        return False
+
+    # --- events ---------------------------------------------------------------------------
+    def _threadsafe_progress(self, job_id: int) -> Callable[[float, str], None]:
+        def report(fraction: float, note: str = "") -> None:
+            self._call_soon(JobEvent(job_id, "progress", progress=fraction, note=note))
+        return report
+
+    def _threadsafe_partial(self, job_id: int) -> Callable[[str], None]:
+        def report(text: str) -> None:
+            self._call_soon(JobEvent(job_id, "partial", text=text))
+        return report
+
+    def _call_soon(self, event: JobEvent) -> None:
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._emit, event)
+
+    def _finished(self, record: JobRecord) -> None:
+        self._positions.pop(record.id, None)
+        self._emit(JobEvent(record.id, "finished", record=record))
+
+    def _emit(self, event: JobEvent) -> None:
+        for listener in [*self._listeners.get(event.job_id, []), *self._global]:
+            try:
+                listener(event)
+            except Exception:  # one broken listener must not break the queue
+                log.exception("listener failed on %s", event.type)
+
+    def _publish_positions(self, lane: _Lane) -> None:
+        for index, item in enumerate(lane.ordered(), start=1):
+            job_id = item.record.id
+            if self._positions.get(job_id) != index:
+                self._positions[job_id] = index
+                self._emit(JobEvent(job_id, "position", position=index))
+
+    def _publish_all_positions(self) -> None:
+        for lane in self._lanes.values():
+            self._publish_positions(lane)
+
+
+__all__ = [
+    "LANES", "GenerationQueue", "JobEvent", "JobNotFound", "QueueConfig", "QueueError", "QuotaExceeded",
+]
