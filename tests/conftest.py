@@ -1,0 +1,30 @@
+"""Shared pytest fixtures."""
+
+from pathlib import Path
+
+import pytest
+
+from tests.fakediscord.fixtures import *  # noqa: F403  (fake_discord, fake_discord_factory)
+from tests.tiny_text import build_tiny_chat_model
+
+#: Where the packaged SmolLM2 is converted once and cached, shared with `aigcbot run`.
+MODEL_CACHE = Path(__file__).resolve().parent.parent / "data" / "models"
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny chat model folder (char tokenizer + 2-layer Llama), built once per run."""
+    return build_tiny_chat_model(tmp_path_factory.mktemp("tiny-chat"))
+
+
+@pytest.fixture
+def bot_env(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Environment for a bot on a fresh data folder and the tiny model; returns the data dir."""
+    data = tmp_path / "data"
+    for name in list(__import__("os").environ):
+        if name.startswith(("AIGC_", "DISCORD_")):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("AIGC_DATA_DIR", str(data))
+    monkeypatch.setenv("AIGC_TEXT_MODEL", str(tiny_model_dir))
+    monkeypatch.chdir(tmp_path)  # no stray .env from the developer's checkout
+    return data
