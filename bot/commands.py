@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from bot.services import Services
 from generators.base import GeneratorError
 from generators.queue import QueueError
 from storage.jobs import JobNotFound, JobRecord, NewJob, QuotaExceeded
+
+if TYPE_CHECKING:
+    from bot.services import Services
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +46,9 @@ class Invocation:
 
 class Responder(Protocol):
     """How a front end shows a command's progress and outcome."""
+
+    async def accepted(self, record: JobRecord) -> None:
+        """The job is persisted and queued (e.g. show a Cancel button for it)."""
 
     async def progress(self, text: str) -> None:
         """Queue position, progress or partial output; may be throttled by the front end."""
@@ -83,21 +88,24 @@ async def generate(inv: Invocation, responder: Responder, services: Services, ki
             raise
         await responder.error(message)
         return None
+    await responder.accepted(record)
     return await follow(services, record.id, responder)
 
 
 async def follow(services: Services, job_id: int, responder: Responder) -> JobRecord:
     """Relay a job's events to a responder until it finishes."""
     final: JobRecord | None = None
+    streaming = False  # once text streams, it is the progress; percentages would hide it
     async for event in services.queue.watch(job_id):
         if event.type == "position" and event.position:
             await responder.progress(f"⏳ Queued (job {job_id}) — position {event.position}")
         elif event.type == "started":
             await responder.progress(f"⚙️ Working on job {job_id}…")
-        elif event.type == "progress" and event.progress is not None:
+        elif event.type == "progress" and event.progress is not None and not streaming:
             note = f" — {event.note}" if event.note else ""
             await responder.progress(f"⚙️ Job {job_id}: {event.progress:.0%}{note}")
         elif event.type == "partial" and event.text:
+            streaming = True
             await responder.progress(event.text)
         elif event.type == "finished":
             final = event.record

@@ -34,6 +34,9 @@ class ConsoleResponder:
         self._streamed = ""
         self._last_status = ""
 
+    async def accepted(self, record: JobRecord) -> None:
+        print(f"job {record.id} accepted", file=self.err, flush=True)
+
     async def progress(self, text: str) -> None:
         if text.startswith(("⏳", "⚙️")):
             if text != self._last_status:

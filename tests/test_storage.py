@@ -22,11 +22,14 @@ def test_open_applies_migrations_in_wal_mode(tmp_path: Path) -> None:
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert {"jobs", "artifacts", "usage", "_sqlite_migrations"} <= set(db.table_names())
     applied = [r[0] for r in db.execute("SELECT name FROM _sqlite_migrations").fetchall()]
-    assert applied == ["0001_jobs_artifacts_usage"]
+    from storage.schema import MIGRATIONS
+
+    assert applied == [m.name for m in MIGRATIONS._migrations]  # every migration, in order
+    assert applied[0] == "0001_jobs_artifacts_usage"
     db.close()
     # Opening again applies nothing twice.
     db = open_database(path)
-    assert db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == 1
+    assert db.execute("SELECT count(*) FROM _sqlite_migrations").fetchone()[0] == len(applied)
 
 
 def test_unwritable_database_path_is_a_clear_error(tmp_path: Path) -> None:

@@ -1,0 +1,17 @@
+"""Slash commands, grouped by concern. `setup_cogs` adds every cog to the bot."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from bot.gateway import AigcBot
+
+
+async def setup_cogs(bot: AigcBot) -> None:
+    from bot.cogs.generation import CancelButton, GenerationCog, RegenerateButton
+    from bot.cogs.jobs import JobsCog
+
+    await bot.add_cog(GenerationCog(bot))
+    await bot.add_cog(JobsCog(bot))
+    bot.add_dynamic_items(CancelButton, RegenerateButton)

@@ -1,0 +1,208 @@
+"""The Discord bot over the gateway (discord.py): wiring, the interaction responder, start-up.
+
+Flow of a generation command: defer at once (well inside Discord's 3 s), submit to the
+queue, then edit the deferred message as the job moves (position, progress, streamed
+text; edits throttled to one per second) and finally replace it with the result. Errors
+are ephemeral. A result that arrives after the interaction token has expired (15 min) is
+posted to the channel with the bot token instead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import logging
+import signal
+from datetime import UTC, datetime, timedelta
+
+import discord
+import yarl
+from discord import app_commands
+from discord.ext import commands as ext_commands
+
+from bot.commands import Invocation, user_error
+from bot.permissions import is_moderator
+from bot.render import DEFAULT_ATTACHMENT_LIMIT, FileOut, progress_text, render_result
+from bot.services import Services, build_services
+from bot.settings import Settings
+from bot.throttle import EditThrottle
+from storage.jobs import JobRecord
+
+log = logging.getLogger(__name__)
+
+TOKEN_LIFETIME = timedelta(minutes=15)
+TOKEN_MARGIN = timedelta(seconds=30)
+
+
+def configure_endpoints(settings: Settings) -> None:
+    """Point discord.py at the configured REST base and gateway (proxies, tests).
+    discord.py reads both from class attributes, so this is the one place they are set."""
+    discord.http.Route.BASE = settings.discord_api_base.rstrip("/")
+    discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
+
+
+def invocation(interaction: discord.Interaction, settings: Settings) -> Invocation:
+    return Invocation(
+        user_id=str(interaction.user.id),
+        source="discord",
+        guild_id=str(interaction.guild_id) if interaction.guild_id else None,
+        channel_id=str(interaction.channel_id) if interaction.channel_id else None,
+        is_moderator=member_is_moderator(interaction.user, settings),
+    )
+
+
+def member_is_moderator(user: discord.abc.User, settings: Settings) -> bool:
+    if not isinstance(user, discord.Member):
+        return False  # in DMs nobody moderates
+    roles = user.roles
+    return is_moderator(user.guild_permissions.value, [str(r.id) for r in roles], [r.name for r in roles],
+                        settings.discord_moderator_role)
+
+
+def to_files(files: list[FileOut]) -> list[discord.File]:
+    return [discord.File(io.BytesIO(f.data), filename=f.filename) for f in files]
+
+
+class InteractionResponder:
+    """Shows one job on one (deferred) interaction. See the module docstring."""
+
+    def __init__(self, interaction: discord.Interaction, bot: AigcBot) -> None:
+        self.interaction = interaction
+        self.bot = bot
+        self.job_id: int | None = None
+        self.throttle = EditThrottle(self._edit_progress, interval=1.0)
+
+    @property
+    def attachment_limit(self) -> int:
+        return getattr(self.interaction, "attachment_size_limit", None) or DEFAULT_ATTACHMENT_LIMIT
+
+    def token_expired(self) -> bool:
+        return datetime.now(UTC) - self.interaction.created_at > TOKEN_LIFETIME - TOKEN_MARGIN
+
+    async def _edit_progress(self, content: str) -> None:
+        if self.token_expired():
+            return
+        view = self.bot.job_view(self.job_id, running=True) if self.job_id else None
+        await self.interaction.edit_original_response(content=content, view=view)
+
+    async def accepted(self, record: JobRecord) -> None:
+        self.job_id = record.id
+
+    async def progress(self, text: str) -> None:
+        self.throttle.update(progress_text(text))
+
+    async def result(self, record: JobRecord) -> None:
+        await self.throttle.close()
+        rendered = render_result(record, self.attachment_limit)
+        view = self.bot.job_view(record.id, running=False)
+        if self.token_expired():
+            await self._post_to_channel(record, rendered.content, rendered.files, rendered.followups)
+            return
+        await self.throttle.wait_turn()
+        await self.interaction.edit_original_response(content=rendered.content, attachments=to_files(rendered.files),
+                                                      view=view)
+        for chunk in rendered.followups:
+            await self.interaction.followup.send(chunk)
+
+    async def _post_to_channel(self, record: JobRecord, content: str, files: list[FileOut],
+                               followups: list[str]) -> None:
+        channel = self.interaction.channel
+        if not isinstance(channel, discord.abc.Messageable):
+            log.warning("job %s finished after its interaction expired and has no channel to post to", record.id)
+            return
+        mention = f"<@{record.requester}> " if record.requester.isdigit() else ""
+        await channel.send(f"{mention}{content}"[:2000], files=to_files(files),
+                           allowed_mentions=discord.AllowedMentions(users=True))
+        for chunk in followups:
+            await channel.send(chunk)
+
+    async def error(self, message: str) -> None:
+        await self.throttle.close()
+        if self.token_expired():
+            log.warning("job %s: %s (interaction expired; not shown)", self.job_id, message)
+            return
+        if self.interaction.response.is_done():
+            try:
+                await self.interaction.delete_original_response()
+            except discord.HTTPException:
+                pass
+            await self.interaction.followup.send(message, ephemeral=True)
+        else:
+            await self.interaction.response.send_message(message, ephemeral=True)
+
+    async def info(self, message: str) -> None:
+        if self.interaction.response.is_done():
+            await self.interaction.followup.send(message, ephemeral=True)
+        else:
+            await self.interaction.response.send_message(message, ephemeral=True)
+
+
+class AigcBot(ext_commands.Bot):
+    """discord.py client holding the shared services; cogs hold the commands."""
+
+    def __init__(self, services: Services, **options: object) -> None:
+        intents = discord.Intents.default()
+        super().__init__(command_prefix=ext_commands.when_mentioned, intents=intents,
+                         help_command=None, **options)  # type: ignore[arg-type]
+        self.services = services
+        self.settings = services.settings
+        self.tree.on_error = self.on_app_command_error
+
+    async def setup_hook(self) -> None:
+        from bot.cogs import setup_cogs
+
+        await setup_cogs(self)
+        await self.sync_commands()
+
+    async def sync_commands(self) -> None:
+        guild_ids = self.settings.discord_dev_guild_ids
+        if guild_ids:
+            for guild_id in guild_ids:
+                guild = discord.Object(guild_id)
+                self.tree.copy_global_to(guild=guild)
+                synced = await self.tree.sync(guild=guild)
+                log.info("synced %d commands to guild %s", len(synced), guild_id)
+        else:
+            synced = await self.tree.sync()
+            log.info("synced %d global commands", len(synced))
+
+    def job_view(self, job_id: int | None, running: bool) -> discord.ui.View | None:
+        from bot.cogs.generation import job_view
+
+        return job_view(job_id, running) if job_id else None
+
+    async def on_app_command_error(self, interaction: discord.Interaction,
+                                   error: app_commands.AppCommandError) -> None:
+        """One place maps errors to what the user sees; unexpected ones are logged in full."""
+        original = getattr(error, "original", error)
+        message = user_error(original)
+        if isinstance(error, app_commands.CheckFailure):
+            message = str(error) or "You can't use this command here."
+        if message is None:
+            log.error("command %s failed", interaction.command and interaction.command.name, exc_info=original)
+            message = "Something went wrong on the bot's side; the moderators can find details in its log."
+        responder = InteractionResponder(interaction, self)
+        await responder.error(message)
+
+
+async def run_gateway(settings: Settings) -> int:
+    """Connect to Discord and serve until interrupted; returns the exit status."""
+    assert settings.discord_token is not None
+    configure_endpoints(settings)
+    services = await build_services(settings)
+    bot = AigcBot(services)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(bot.close()))
+        except (NotImplementedError, RuntimeError):
+            pass
+    try:
+        async with bot:
+            await bot.start(settings.discord_token.get_secret_value())
+    except discord.LoginFailure:
+        log.error("Discord refused the token (DISCORD_TOKEN); check it in the Developer Portal")
+        return 1
+    finally:
+        await services.close()
+    return 0
