@@ -71,3 +71,113 @@ def _jobs_artifacts_usage(db: Database) -> None:
         )
         """
     )
+
+
+@MIGRATIONS(name="0002_guild_config_personas_safety_conversations")
+def _guild_config_personas_safety_conversations(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE guild_config (
+            guild TEXT NOT NULL,
+            channel TEXT NOT NULL DEFAULT '',    -- '' = the whole server
+            key TEXT NOT NULL,
+            value TEXT NOT NULL,                 -- JSON
+            updated_by TEXT NOT NULL,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (guild, channel, key)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE personas (
+            id INTEGER PRIMARY KEY,
+            guild TEXT NOT NULL,
+            name TEXT NOT NULL,
+            system_prompt TEXT NOT NULL,
+            sampling TEXT NOT NULL DEFAULT '{}',  -- JSON: default temperature, top_p, ...
+            created_by TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL,
+            UNIQUE (guild, name)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE blocklist (
+            id INTEGER PRIMARY KEY,
+            guild TEXT NOT NULL,
+            pattern TEXT NOT NULL,
+            is_regex INTEGER NOT NULL DEFAULT 0,
+            added_by TEXT NOT NULL,
+            added_at REAL NOT NULL,
+            UNIQUE (guild, pattern, is_regex)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE safety_log (
+            id INTEGER PRIMARY KEY,
+            guild TEXT,
+            channel TEXT,
+            user TEXT NOT NULL,
+            kind TEXT NOT NULL,                  -- text | image | audio | text-output | ...
+            excerpt TEXT NOT NULL,               -- the start of the prompt, never all of it
+            rule TEXT NOT NULL,
+            category TEXT NOT NULL,
+            at REAL NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX safety_log_guild_at ON safety_log (guild, at)")
+    db.execute(
+        """
+        CREATE TABLE conversation_turns (
+            id INTEGER PRIMARY KEY,
+            guild TEXT,
+            channel TEXT,
+            conversation_id TEXT NOT NULL,
+            message_id TEXT NOT NULL,            -- the Discord message (or interaction) of this turn
+            parent_message_id TEXT,              -- the turn it answers or replies to
+            role TEXT NOT NULL CHECK (role IN ('user','assistant')),
+            author TEXT NOT NULL,
+            content TEXT NOT NULL,
+            job_id INTEGER REFERENCES jobs(id) ON DELETE SET NULL,
+            tokens INTEGER,
+            created_at REAL NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE UNIQUE INDEX conversation_turns_message ON conversation_turns (message_id)")
+    db.execute("CREATE INDEX conversation_turns_conversation ON conversation_turns (conversation_id, id)")
+
+
+@MIGRATIONS(name="0003_schedules")
+def _schedules(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE schedules (
+            id INTEGER PRIMARY KEY,
+            guild TEXT,                      -- Discord guild id as text; NULL when added from the CLI
+            channel TEXT NOT NULL,           -- where the post goes (channel id as text)
+            kind TEXT NOT NULL CHECK (kind IN ('text','image','audio')),
+            model TEXT,                      -- NULL: the kind's default model when it fires
+            prompt TEXT NOT NULL,            -- template: {date} {weekday} {server} {channel} {community_quote}
+            spec TEXT NOT NULL,              -- what the moderator typed: a preset or a cron expression
+            cron TEXT NOT NULL,              -- the standard 5-field crontab it stands for
+            timezone TEXT NOT NULL DEFAULT 'UTC',
+            paused INTEGER NOT NULL DEFAULT 0,
+            created_by TEXT NOT NULL,
+            created_at REAL NOT NULL,
+            last_run_at REAL,
+            next_run_at REAL,                -- NULL while paused
+            failures INTEGER NOT NULL DEFAULT 0,   -- consecutive failed firings
+            last_error TEXT,
+            note TEXT                        -- why it was paused or skipped, for moderators
+        )
+        """
+    )
+    db.execute("CREATE INDEX schedules_guild ON schedules (guild)")
+    db.execute("CREATE INDEX schedules_due ON schedules (paused, next_run_at)")
