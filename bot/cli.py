@@ -13,6 +13,7 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
+from bot.cli_schedule import add_schedule_parser, cmd_schedule
 from bot.settings import Settings, SettingsError, load_settings
 from generators.base import GeneratorError
 from generators.queue import QueueError
@@ -62,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true")
     cancel = jobs_sub.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id", type=int)
+    add_schedule_parser(sub)
     return parser
 
 
@@ -218,6 +220,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "run": cmd_run,
     "generate": cmd_generate,
     "jobs": cmd_jobs,
+    "schedule": cmd_schedule,
 }
 
 if __name__ == "__main__":

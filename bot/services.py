@@ -8,30 +8,52 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import sqlite_utils
 
+from bot.cli_schedule import poster_options
+from bot.moderation import KNOWN_COMMANDS
 from bot.settings import Settings
 from generators.base import Generator
+from generators.quantization import resolve_device
 from generators.queue import GenerationQueue, QueueConfig
 from generators.registry import ModelRegistry
+from generators.safety import RuleCache
 from generators.text import TextGenerator
-from storage.database import open_database
+from jobs.scheduled_posts import ScheduledPoster
+from storage.conversations import ConversationStore
+from storage.database import AsyncDatabase, open_database
+from storage.guild_config import ConfigStore
 from storage.jobs import SqliteJobStore
+from storage.personas import PersonaStore
+from storage.safety import SafetyStore
+from storage.schedules import SqliteScheduleStore
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Services:
+    """Everything the front ends share. ``adb`` is the one thread that touches ``db``."""
+
     settings: Settings
     db: sqlite_utils.Database
+    adb: AsyncDatabase
     store: SqliteJobStore
     registry: ModelRegistry
     queue: GenerationQueue
+    config: ConfigStore
+    personas: PersonaStore
+    safety: SafetyStore
+    conversations: ConversationStore
+    rule_cache: RuleCache
+    schedules: ScheduledPoster
 
     async def close(self) -> None:
+        await self.schedules.stop()
         await self.queue.stop()
+        self.adb.close()
         self.registry.unload_all()
         self.db.close()
 
@@ -51,9 +73,18 @@ def make_registry(settings: Settings) -> ModelRegistry:
             cache_dir=settings.models_dir,
         )
 
+    def audio(model: str) -> Generator:
+        if model == "hibari":
+            from generators.speech import SpeechGenerator
+
+            return SpeechGenerator()
+        from generators.text_to_audio import TextToAudioGenerator
+
+        return TextToAudioGenerator(model, device=resolve_device(settings.device))
+
     return ModelRegistry(
-        factories={"text": text},
-        defaults={"text": settings.text_model},
+        factories={"text": text, "audio": audio},
+        defaults={"text": settings.text_model, "audio": settings.speech_model or "hibari"},
         budget_bytes=settings.model_memory_budget_mb * 2**20,
     )
 
@@ -67,12 +98,30 @@ def queue_config(settings: Settings) -> QueueConfig:
     )
 
 
+class _UnsetPoster:
+    """Scheduled posts need a front end that can post; until one sets ``schedules.poster``."""
+
+    async def send(self, channel_id: str, content: str, files: list[Path]) -> None:
+        raise RuntimeError("no Discord connection to post scheduled content with")
+
+
 async def build_services(settings: Settings, *, recover: bool = True, load_backlog: bool = True,
                          registry: ModelRegistry | None = None) -> Services:
-    """Open the database, build the registry and queue, and start the queue."""
+    """Open the database, build the registry, stores and queue, and start the queue.
+    Scheduled posts are not started here: only a front end that can post starts them."""
     db = open_database(settings.db_file)
+    adb = AsyncDatabase()
     store = SqliteJobStore(db)
     registry = registry or make_registry(settings)
-    queue = GenerationQueue(store, registry, queue_config(settings))
+    queue = GenerationQueue(store, registry, queue_config(settings), db=adb)
     await queue.start(recover=recover, load_backlog=load_backlog)
-    return Services(settings, db, store, registry, queue)
+    config = ConfigStore(db, commands=KNOWN_COMMANDS)
+
+    async def timezone_for(guild: str | None) -> str:
+        zone = await adb.run(config.effective, "timezone", guild, None, {"timezone": "UTC"}) if guild else None
+        return str(zone or "UTC")
+
+    schedules = ScheduledPoster(SqliteScheduleStore(db), queue, _UnsetPoster(), db=adb, **poster_options(settings),
+                                timezone_for=timezone_for)
+    return Services(settings, db, adb, store, registry, queue, config, PersonaStore(db), SafetyStore(db),
+                    ConversationStore(db), RuleCache(), schedules)

@@ -69,6 +69,35 @@ class Settings(BaseSettings):
         description="Resident models are evicted (least recently used first) above this.",
     )
 
+    # --- images and audio ----------------------------------------------------------------------
+    image_model: str = Field(
+        "face", validation_alias=_env("AIGC_IMAGE_MODEL"),
+        description="Default /imagine model: face | fashion | digits | diffusion.",
+    )
+    diffusion_model: str | None = Field(
+        None, validation_alias=_env("AIGC_DIFFUSION_MODEL"),
+        description="diffusers text-to-image model id or folder (needs the 'diffusion' extra); unset = off.",
+    )
+    speech_model: str | None = Field(
+        None, validation_alias=_env("AIGC_SPEECH_MODEL"),
+        description="transformers text-to-speech model id or folder; unset = the embedded hibari voice.",
+    )
+    music_model: str | None = Field(
+        None, validation_alias=_env("AIGC_MUSIC_MODEL"),
+        description="transformers text-to-music model (e.g. MusicGen) for /music; unset = off.",
+    )
+
+    # --- scheduled posts -------------------------------------------------------------------------
+    schedule_channels: Annotated[list[int], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("AIGC_SCHEDULE_CHANNELS"),
+        description="Channel ids the CLI may schedule posts to; empty = any numeric id.",
+    )
+    schedule_min_interval_s: int = Field(
+        600, ge=60, le=86_400 * 7, validation_alias=_env("AIGC_SCHEDULE_MIN_INTERVAL_S")
+    )
+    schedule_grace_s: int = Field(3600, ge=0, le=86_400, validation_alias=_env("AIGC_SCHEDULE_GRACE_S"))
+    schedule_quote_fallback: str | None = Field(None, validation_alias=_env("AIGC_SCHEDULE_QUOTE_FALLBACK"))
+
     # --- queue -------------------------------------------------------------------------------
     max_pending_per_user: int = Field(5, ge=1, le=1000, validation_alias=_env("AIGC_MAX_PENDING_PER_USER"))
     job_timeout_s: float = Field(300.0, gt=0, le=86_400, validation_alias=_env("AIGC_JOB_TIMEOUT_S"))
@@ -94,7 +123,7 @@ class Settings(BaseSettings):
         "INFO", validation_alias=_env("AIGC_LOG_LEVEL")
     )
 
-    @field_validator("discord_dev_guild_ids", mode="before")
+    @field_validator("discord_dev_guild_ids", "schedule_channels", mode="before")
     @classmethod
     def _split_ids(cls, value: object) -> object:
         if isinstance(value, str):

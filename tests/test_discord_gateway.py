@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import itertools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -82,7 +83,7 @@ async def test_chat_is_deferred_streamed_and_answered(fake_discord: FakeDiscord,
     streamed = [h["content"] for h in final.history if h["content"].startswith("hello there:")]
     assert len(streamed) >= 2  # text streamed into the message as it grew
     edits = fake.find_requests("PATCH", r"/messages/@original$")
-    gaps = [b.time - a.time for a, b in zip(edits, edits[1:], strict=False)]
+    gaps = [b.time - a.time for a, b in itertools.pairwise(edits)]
     assert gaps and min(gaps) >= 0.95  # at most one edit per second
     record = await services.queue.get(1)
     assert record.status == "succeeded" and record.source == "discord"
@@ -141,7 +142,8 @@ async def test_cancel_button_refuses_strangers_and_obeys_the_requester(fake_disc
         interaction = await fake.dispatch_interaction(fake.slash_command("chat", {"prompt": "long story"}))
         progress = await fake.wait_until(
             lambda: (m := fake.original_response(interaction)) and "aigc:cancel:1" in m.custom_ids() and m, timeout=10)
-        refused = await fake.dispatch_interaction(fake.component_click("aigc:cancel:1", message=progress, user=stranger))
+        click = fake.component_click("aigc:cancel:1", message=progress, user=stranger)
+        refused = await fake.dispatch_interaction(click)
         [refusal] = await fake.wait_until(lambda: fake.callbacks(refused), timeout=5)
         assert refusal["data"]["flags"] & 64 and "Only the person" in refusal["data"]["content"]
         assert (await services.queue.get(1)).status == "running"

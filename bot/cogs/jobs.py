@@ -21,8 +21,8 @@ class JobsCog(ext_commands.Cog, name="Jobs"):
 
     @app_commands.command(name="queue", description="Your jobs and their places in the queue")
     async def queue(self, interaction: discord.Interaction) -> None:
-        await commands.show_queue(invocation(interaction, self.bot.settings), InteractionResponder(interaction, self.bot),
-                                  self.bot.services)
+        responder = InteractionResponder(interaction, self.bot)
+        await commands.show_queue(invocation(interaction, self.bot.settings), responder, self.bot.services)
 
     @app_commands.command(name="cancel", description="Cancel one of your jobs")
     @app_commands.describe(job="The job number (shown while it is queued)")
