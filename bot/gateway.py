@@ -10,6 +10,7 @@ posted to the channel with the bot token instead.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import logging
 import signal
@@ -122,10 +123,8 @@ class InteractionResponder:
             log.warning("job %s: %s (interaction expired; not shown)", self.job_id, message)
             return
         if self.interaction.response.is_done():
-            try:
+            with contextlib.suppress(discord.HTTPException):
                 await self.interaction.delete_original_response()
-            except discord.HTTPException:
-                pass
             await self.interaction.followup.send(message, ephemeral=True)
         else:
             await self.interaction.response.send_message(message, ephemeral=True)
@@ -193,10 +192,8 @@ async def run_gateway(settings: Settings) -> int:
     bot = AigcBot(services)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        try:
+        with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(bot.close()))
-        except (NotImplementedError, RuntimeError):
-            pass
     try:
         async with bot:
             await bot.start(settings.discord_token.get_secret_value())
