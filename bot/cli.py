@@ -50,6 +50,20 @@ def build_parser() -> argparse.ArgumentParser:
     text.add_argument("--repetition-penalty", type=float)
     text.add_argument("--seed", type=int)
     text.add_argument("--json", action="store_true", help="print a JSON object")
+    image = gen_sub.add_parser("image", help="generate an image (PNG)")
+    image.add_argument("prompt")
+    image.add_argument("--model", help="face | fashion | digits | diffusion (default AIGC_IMAGE_MODEL)")
+    image.add_argument("--count", type=int, help="1-4 images, as a grid")
+    image.add_argument("--seed", type=int)
+    image.add_argument("--json", action="store_true", help="print a JSON object")
+    audio = gen_sub.add_parser("audio", help="read text aloud (OGG/Opus, or WAV)")
+    audio.add_argument("prompt", metavar="TEXT")
+    audio.add_argument("--model", help="speech model (default: the embedded hibari voice)")
+    audio.add_argument("--voice")
+    audio.add_argument("--speed", type=float)
+    audio.add_argument("--format", choices=["ogg", "wav"])
+    audio.add_argument("--seed", type=int)
+    audio.add_argument("--json", action="store_true", help="print a JSON object")
 
     jobs = sub.add_parser("jobs", help="list, show or cancel jobs")
     jobs_sub = jobs.add_subparsers(dest="action", required=True)
@@ -121,7 +135,8 @@ async def _console(settings: Settings) -> int:
 # --- generate ------------------------------------------------------------------------------
 def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
     params: dict[str, Any] = {}
-    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed"):
+    for name in ("max_new_tokens", "temperature", "top_p", "top_k", "repetition_penalty", "seed", "count", "voice",
+                 "speed", "format"):
         value = getattr(args, name, None)
         if value is not None:
             params[name] = value

@@ -15,7 +15,7 @@ import sqlite_utils
 from bot.cli_schedule import poster_options
 from bot.moderation import KNOWN_COMMANDS
 from bot.settings import Settings
-from generators.base import Generator
+from generators.base import Generator, GeneratorError
 from generators.quantization import resolve_device
 from generators.queue import GenerationQueue, QueueConfig
 from generators.registry import ModelRegistry
@@ -82,9 +82,23 @@ def make_registry(settings: Settings) -> ModelRegistry:
 
         return TextToAudioGenerator(model, device=resolve_device(settings.device))
 
+    def image(model: str) -> Generator:
+        if model == "diffusion":
+            if not settings.diffusion_model:
+                raise GeneratorError("the diffusion model is not configured on this bot (AIGC_DIFFUSION_MODEL)")
+            from generators.diffusion import DiffusionGenerator
+
+            device = resolve_device(settings.device)
+            return DiffusionGenerator(settings.diffusion_model, device=device,
+                                      quantize_4bit=device == "cuda" and settings.quantization in ("auto", "bnb-4bit"))
+        from generators.image_generator import ImageGenerator
+
+        return ImageGenerator(model=model)
+
     return ModelRegistry(
-        factories={"text": text, "audio": audio},
-        defaults={"text": settings.text_model, "audio": settings.speech_model or "hibari"},
+        factories={"text": text, "image": image, "audio": audio},
+        defaults={"text": settings.text_model, "image": settings.image_model,
+                  "audio": settings.speech_model or "hibari"},
         budget_bytes=settings.model_memory_budget_mb * 2**20,
     )
 
