@@ -70,6 +70,9 @@ class QueueConfig:
     max_attempts: int = 3
     artifacts_dir: Path = Path("data/artifacts")
     lanes: tuple[str, ...] = LANES
+    #: How long a batching lane waits for companions of a job that arrives alone (a burst of
+    #: requests rarely lands in the same loop iteration).
+    batch_window_s: float = 0.05
 
 
 @dataclass
@@ -291,6 +294,10 @@ class GenerationQueue:
                 lane.wakeup.clear()
                 await lane.wakeup.wait()
                 continue
+            if self.config.batch_window_s > 0 and self._batchable(lane):
+                await asyncio.sleep(self.config.batch_window_s)
+                if not lane.waiting:  # cancelled meanwhile
+                    continue
             batch = self._take_batch(lane)
             lane.busy = True
             try:
@@ -306,6 +313,12 @@ class GenerationQueue:
             finally:
                 lane.busy = False
         self._idle.set()
+
+    def _batchable(self, lane: _Lane) -> bool:
+        """A lone waiting job whose generator could batch it with others."""
+        if len(lane.waiting) != 1:
+            return False
+        return self.registry.get(lane.kind, lane.waiting[0].record.model).max_batch_size > 1
 
     def _take_batch(self, lane: _Lane) -> list[_Waiting]:
         ordered = lane.ordered()
