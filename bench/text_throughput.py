@@ -1,0 +1,297 @@
+"""Text throughput and quality, side by side, on this machine (a script, not a test).
+
+    .venv/bin/python bench/text_throughput.py            # full run (several minutes)
+    .venv/bin/python bench/text_throughput.py --quick    # fewer tokens, for a smoke check
+
+Sections, each in its own process so peak RSS is its own:
+  quality   every CPU quantization mode against fp32: next-token agreement on held-out
+            text (teacher-forced), held-out perplexity, and batched generation speed.
+  naive     the baseline: a transformers `pipeline`, fp32, one request after another.
+  queue     the bot: GenerationQueue + TextGenerator (quantization policy + batching),
+            all users submitting at once; event-loop lag measured while it generates.
+Same model (the packaged SmolLM2-135M-Instruct), same prompts, greedy decoding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import math
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+PROMPTS = [
+    "Write a haiku about rain.",
+    "What is the capital of France?",
+    "Give me three tips for learning to cook.",
+    "Explain gravity to a ten-year-old.",
+    "Name three primary colors and one fact about each.",
+    "Write a short welcome message for a new Discord member.",
+    "Describe a cat in two sentences.",
+    "What is a good name for a pet goldfish?",
+]
+
+# Public-domain prose (Austen, Dickens, Melville, Doyle) held out from any training here.
+HELD_OUT = """\
+It is a truth universally acknowledged, that a single man in possession of a good fortune, must be \
+in want of a wife. However little known the feelings or views of such a man may be on his first \
+entering a neighbourhood, this truth is so well fixed in the minds of the surrounding families, that \
+he is considered the rightful property of some one or other of their daughters.
+It was the best of times, it was the worst of times, it was the age of wisdom, it was the age of \
+foolishness, it was the epoch of belief, it was the epoch of incredulity, it was the season of Light, \
+it was the season of Darkness, it was the spring of hope, it was the winter of despair, we had \
+everything before us, we had nothing before us, we were all going direct to Heaven, we were all \
+going direct the other way.
+Call me Ishmael. Some years ago, never mind how long precisely, having little or no money in my \
+purse, and nothing particular to interest me on shore, I thought I would sail about a little and see \
+the watery part of the world. It is a way I have of driving off the spleen, and regulating the \
+circulation. Whenever I find myself growing grim about the mouth; whenever it is a damp, drizzly \
+November in my soul; then, I account it high time to get to sea as soon as I can.
+To Sherlock Holmes she is always the woman. I have seldom heard him mention her under any other \
+name. In his eyes she eclipses and predominates the whole of her sex. It was not that he felt any \
+emotion akin to love for Irene Adler. All emotions, and that one particularly, were abhorrent to his \
+cold, precise but admirably balanced mind. He was, I take it, the most perfect reasoning and \
+observing machine that the world has seen.
+"""
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def load_reference() -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from generators.model_source import packaged_smollm2
+
+    cache = ROOT / "data" / "models"
+    from generators.text import TextGenerator
+
+    gen = TextGenerator("smollm2", quantization_mode="none", cache_dir=cache)
+    gen.load()  # converts the GGUF once into the cache
+    folder = gen._cache_folder(packaged_smollm2())
+    assert folder is not None
+    return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
+
+
+# --- sections (each runs in a child process) --------------------------------------------------
+def section_quality(args: argparse.Namespace) -> dict[str, Any]:
+    import copy
+
+    import torch
+
+    from generators import quantization
+
+    reference, tokenizer = load_reference()
+    reference.eval()
+    ids = tokenizer(HELD_OUT, return_tensors="pt").input_ids[:, :512]
+    with torch.inference_mode():
+        ref_logits = reference(ids).logits[0, :-1].float()
+    ref_next = ref_logits.argmax(-1)
+    targets = ids[0, 1:]
+    tokenizer.padding_side = "left"
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in PROMPTS]
+    batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+    rows = []
+    for mode in args.modes:
+        try:
+            if mode == "bf16":
+                model = copy.deepcopy(reference).to(torch.bfloat16)
+            elif mode == "none":
+                model = reference
+            else:
+                model = quantization.apply_after_load(copy.deepcopy(reference), mode, "cpu")
+        except Exception as exc:  # e.g. bitsandbytes missing
+            rows.append({"mode": mode, "error": f"{type(exc).__name__}: {exc}"[:80]})
+            continue
+        with torch.inference_mode():
+            logits = model(ids).logits[0, :-1].float()
+            nll = torch.nn.functional.cross_entropy(logits, targets)
+            agreement = (logits.argmax(-1) == ref_next).float().mean().item()
+            model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+            start = time.perf_counter()
+            out = model.generate(**batch, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id)
+            elapsed = time.perf_counter() - start
+        generated = (out.shape[1] - batch.input_ids.shape[1]) * len(PROMPTS)
+        rows.append({"mode": mode, "agreement": agreement, "perplexity": math.exp(nll.item()),
+                     "batch8_tok_s": generated / elapsed})
+    return {"rows": rows, "cpu_native_bf16": quantization.cpu_has_native_bf16(),
+            "auto_mode": quantization.choose_mode("auto", "cpu")}
+
+
+def section_naive(args: argparse.Namespace) -> dict[str, Any]:
+    from transformers import pipeline
+
+    model, tokenizer = load_reference()  # fp32
+    pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    pipe([{"role": "user", "content": "hi"}], max_new_tokens=4, do_sample=False)  # warm-up
+    results = {}
+    for users in args.users:
+        latencies, tokens = [], 0
+        start = time.perf_counter()
+        for prompt in (PROMPTS * 8)[:users]:  # one request after another
+            out = pipe([{"role": "user", "content": prompt}], max_new_tokens=args.tokens, do_sample=False,
+                       return_full_text=False)
+            tokens += len(tokenizer(out[0]["generated_text"], add_special_tokens=False).input_ids)
+            latencies.append(time.perf_counter() - start)
+        elapsed = time.perf_counter() - start
+        results[str(users)] = {"tok_s": tokens / elapsed, "p50": percentile(latencies, 0.5),
+                               "p95": percentile(latencies, 0.95), "tokens": tokens}
+    return {"users": results, "peak_rss_mb": peak_rss_mb()}
+
+
+def section_queue(args: argparse.Namespace) -> dict[str, Any]:
+    return asyncio.run(_queue(args))
+
+
+async def _queue(args: argparse.Namespace) -> dict[str, Any]:
+    import tempfile
+
+    from generators.queue import GenerationQueue, QueueConfig
+    from generators.registry import ModelRegistry
+    from generators.text import TextGenerator
+    from storage.database import open_database
+    from storage.jobs import NewJob, SqliteJobStore
+
+    generator = TextGenerator("smollm2", quantization_mode=args.queue_mode, max_new_tokens=args.tokens,
+                              max_batch_size=8, cache_dir=ROOT / "data" / "models")
+    generator.load()
+    tmp = Path(tempfile.mkdtemp())
+    store = SqliteJobStore(open_database(tmp / "bench.sqlite3"))
+    registry = ModelRegistry({"text": lambda _n: generator}, {"text": "smollm2"}, budget_bytes=2**34)
+    queue = GenerationQueue(store, registry, QueueConfig(artifacts_dir=tmp / "a", max_pending_per_user=100))
+    await queue.start()
+
+    async def one(user: int, prompt: str) -> tuple[float, int]:
+        start = time.perf_counter()
+        record = await queue.submit(NewJob(kind="text", model="", prompt=prompt, requester=f"u{user}",
+                                           params={"temperature": 0.0, "max_new_tokens": args.tokens}))
+        done = await queue.wait(record.id)
+        assert done.status == "succeeded", done.error
+        return time.perf_counter() - start, int((done.result or {})["metadata"]["tokens"])
+
+    await one(0, "hi")  # warm-up
+    results = {}
+    for users in args.users:
+        lags: list[float] = []
+        stop = asyncio.Event()
+
+        async def probe(lags: list[float] = lags, stop: asyncio.Event = stop) -> None:
+            while not stop.is_set():
+                before = time.perf_counter()
+                await asyncio.sleep(0.010)
+                lags.append(time.perf_counter() - before - 0.010)
+
+        prober = asyncio.create_task(probe())
+        start = time.perf_counter()
+        outcomes = await asyncio.gather(*[one(u, p) for u, p in enumerate((PROMPTS * 8)[:users])])
+        elapsed = time.perf_counter() - start
+        stop.set()
+        await prober
+        latencies = [o[0] for o in outcomes]
+        tokens = sum(o[1] for o in outcomes)
+        results[str(users)] = {"tok_s": tokens / elapsed, "p50": percentile(latencies, 0.5),
+                               "p95": percentile(latencies, 0.95), "tokens": tokens,
+                               "lag_p99_ms": percentile(lags, 0.99) * 1000}
+    await queue.stop()
+    return {"users": results, "peak_rss_mb": peak_rss_mb(), "mode": generator.mode}
+
+
+def section_cb(args: argparse.Namespace) -> dict[str, Any]:
+    """transformers' continuous batching (requests join/leave the running batch every step)
+    against one batched generate() call, same prompts, same model, fp32."""
+    from transformers import GenerationConfig
+
+    model, tokenizer = load_reference()
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in PROMPTS]
+    ids = [tokenizer(c, add_special_tokens=False).input_ids for c in chats]
+    config = GenerationConfig(max_new_tokens=args.tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+                              pad_token_id=tokenizer.pad_token_id)
+    model.generate_batch(ids[:2], generation_config=config)  # warm-up
+    start = time.perf_counter()
+    outputs = model.generate_batch(ids, generation_config=config)
+    cb_elapsed = time.perf_counter() - start
+    cb_tokens = sum(len(o.generated_tokens) for o in outputs.values())
+    tokenizer.padding_side = "left"
+    batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+    start = time.perf_counter()
+    out = model.generate(**batch, generation_config=config)
+    static_elapsed = time.perf_counter() - start
+    static_tokens = sum(int((row != tokenizer.pad_token_id).sum()) for row in out[:, batch.input_ids.shape[1]:])
+    return {"cb_tok_s": cb_tokens / cb_elapsed, "static_tok_s": static_tokens / static_elapsed}
+
+
+SECTIONS = {"quality": section_quality, "naive": section_naive, "queue": section_queue, "cb": section_cb}
+
+
+def run_child(section: str, args: argparse.Namespace) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--section", section, "--tokens", str(args.tokens),
+           "--users", *map(str, args.users), "--modes", *args.modes, "--queue-mode", args.queue_mode]
+    env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
+    if proc.returncode != 0:
+        raise SystemExit(f"section {section} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--section", choices=list(SECTIONS))
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--users", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--modes", nargs="+", default=["none", "bf16", "int8-dynamic", "bnb-8bit", "bnb-4bit"])
+    parser.add_argument("--queue-mode", default="auto", help="quantization mode of the queue run")
+    parser.add_argument("--quick", action="store_true", help="16 tokens, modes none and bf16")
+    args = parser.parse_args()
+    if args.section:
+        print(json.dumps(SECTIONS[args.section](args)))
+        return
+    if args.quick:
+        args.tokens, args.modes = 16, ["none", "bf16"]
+    print(f"SmolLM2-135M-Instruct, {len(PROMPTS)} prompts, {args.tokens} new tokens, greedy, "
+          f"{os.cpu_count()} CPU threads\n")
+    quality = run_child("quality", args)
+    print(f"CPU native bf16: {quality['cpu_native_bf16']}; policy picks '{quality['auto_mode']}' on this CPU\n")
+    print("| mode | next-token agreement with fp32 | held-out perplexity | batch-8 tokens/s |")
+    print("|---|---|---|---|")
+    for row in quality["rows"]:
+        if "error" in row:
+            print(f"| {row['mode']} | n/a ({row['error']}) | | |")
+        else:
+            print(f"| {row['mode']} | {row['agreement']:.1%} | {row['perplexity']:.2f} | {row['batch8_tok_s']:.1f} |")
+    cb = run_child("cb", args)
+    print(f"\nbatching 8 prompts, fp32: one generate() call {cb['static_tok_s']:.1f} tokens/s; "
+          f"transformers continuous batching {cb['cb_tok_s']:.1f} tokens/s")
+    naive = run_child("naive", args)
+    queue = run_child("queue", args)
+    print(f"\nqueue mode: {queue['mode']}\n")
+    print("| setup | users | tokens/s | p50 latency s | p95 latency s | peak RSS MB | loop lag p99 ms | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for users in map(str, args.users):
+        n, q = naive["users"][users], queue["users"][users]
+        print(f"| naive pipeline fp32, sequential | {users} | {n['tok_s']:.1f} | {n['p50']:.2f} | {n['p95']:.2f} "
+              f"| {naive['peak_rss_mb']:.0f} | – | 1.0× |")
+        print(f"| aigc-bot queue ({queue['mode']}, batched) | {users} | {q['tok_s']:.1f} | {q['p50']:.2f} "
+              f"| {q['p95']:.2f} | {queue['peak_rss_mb']:.0f} | {q['lag_p99_ms']:.1f} "
+              f"| {q['tok_s'] / n['tok_s']:.1f}× |")
+
+
+if __name__ == "__main__":
+    main()
