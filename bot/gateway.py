@@ -1,10 +1,20 @@
 """The Discord bot over the gateway (discord.py): wiring, the interaction responder, start-up.
 
-Flow of a generation command: defer at once (well inside Discord's 3 s), submit to the
-queue, then edit the deferred message as the job moves (position, progress, streamed
-text; edits throttled to one per second) and finally replace it with the result. Errors
-are ephemeral. A result that arrives after the interaction token has expired (15 min) is
-posted to the channel with the bot token instead.
+Flow of a generation command: defer at once (well inside Discord's 3 s), check that the
+command is enabled and the prompt allowed here (`bot.chat`), submit to the queue, then edit
+the deferred message as the job moves (position, progress, streamed text; edits throttled
+to one per second) and finally replace it with the result. Errors are ephemeral. A result
+that arrives after the interaction token has expired (15 min) is posted to the channel with
+the bot token instead.
+
+Who moderates is decided per server: Manage Server, or the server's `moderator_role`
+setting (else DISCORD_MODERATOR_ROLE). The bot also posts scheduled content and mod-log
+notes (`bot.discord_poster`), and starts the scheduled posts once connected.
+
+Intents: the defaults (no privileged ones) unless DISCORD_MESSAGE_CONTENT is set. Replies to
+the bot's answers continue a conversation (`bot.cogs.conversation`); without the Message
+Content intent Discord only sends their text when the reply @mentions the bot, which is
+the reply's default.
 """
 
 from __future__ import annotations
@@ -22,11 +32,14 @@ from discord import app_commands
 from discord.ext import commands as ext_commands
 
 from bot.commands import Invocation, user_error
+from bot.discord_poster import DiscordPoster
+from bot.moderation import global_defaults, moderator_role
 from bot.permissions import is_moderator
-from bot.render import DEFAULT_ATTACHMENT_LIMIT, FileOut, progress_text, render_result
+from bot.render import DEFAULT_ATTACHMENT_LIMIT, FileOut, progress_text, render_result, split_text
 from bot.services import Services, build_services
 from bot.settings import Settings
 from bot.throttle import EditThrottle
+from jobs.scheduled_posts import PosterModLog
 from storage.jobs import JobRecord
 
 log = logging.getLogger(__name__)
@@ -42,22 +55,31 @@ def configure_endpoints(settings: Settings) -> None:
     discord.gateway.DiscordWebSocket.DEFAULT_GATEWAY = yarl.URL(settings.discord_gateway_url)
 
 
-def invocation(interaction: discord.Interaction, settings: Settings) -> Invocation:
+async def invocation(interaction: discord.Interaction, services: Services) -> Invocation:
+    """Who asked, where, and whether they moderate this server (a database read)."""
+    guild = str(interaction.guild_id) if interaction.guild_id else None
     return Invocation(
         user_id=str(interaction.user.id),
         source="discord",
-        guild_id=str(interaction.guild_id) if interaction.guild_id else None,
+        guild_id=guild,
         channel_id=str(interaction.channel_id) if interaction.channel_id else None,
-        is_moderator=member_is_moderator(interaction.user, settings),
+        is_moderator=await moderates(services, interaction.user, guild),
     )
 
 
-def member_is_moderator(user: discord.abc.User, settings: Settings) -> bool:
-    if not isinstance(user, discord.Member):
+async def moderates(services: Services, user: discord.abc.User, guild: str | None) -> bool:
+    """Whether ``user`` moderates ``guild``: Manage Server, or the server's moderator role."""
+    if guild is None or not isinstance(user, discord.Member):
         return False  # in DMs nobody moderates
+    return member_is_moderator(user, await moderator_role(services, guild))
+
+
+def member_is_moderator(user: discord.abc.User, role: str) -> bool:
+    """``role``: the moderator role's name or id where the member is (see `moderates`)."""
+    if not isinstance(user, discord.Member):
+        return False
     roles = user.roles
-    return is_moderator(user.guild_permissions.value, [str(r.id) for r in roles], [r.name for r in roles],
-                        settings.discord_moderator_role)
+    return is_moderator(user.guild_permissions.value, [str(r.id) for r in roles], [r.name for r in roles], role)
 
 
 def to_files(files: list[FileOut]) -> list[discord.File]:
@@ -71,6 +93,8 @@ class InteractionResponder:
         self.interaction = interaction
         self.bot = bot
         self.job_id: int | None = None
+        #: The message that shows the result, once delivered (a conversation turn's id).
+        self.message_id: str | None = None
         self.throttle = EditThrottle(self._edit_progress, interval=1.0)
 
     @property
@@ -100,8 +124,9 @@ class InteractionResponder:
             await self._post_to_channel(record, rendered.content, rendered.files, rendered.followups)
             return
         await self.throttle.wait_turn()
-        await self.interaction.edit_original_response(content=rendered.content, attachments=to_files(rendered.files),
-                                                      view=view)
+        message = await self.interaction.edit_original_response(
+            content=rendered.content, attachments=to_files(rendered.files), view=view)
+        self.message_id = str(message.id)
         for chunk in rendered.followups:
             await self.interaction.followup.send(chunk)
 
@@ -112,8 +137,9 @@ class InteractionResponder:
             log.warning("job %s finished after its interaction expired and has no channel to post to", record.id)
             return
         mention = f"<@{record.requester}> " if record.requester.isdigit() else ""
-        await channel.send(f"{mention}{content}"[:2000], files=to_files(files),
-                           allowed_mentions=discord.AllowedMentions(users=True))
+        message = await channel.send(f"{mention}{content}"[:2000], files=to_files(files),
+                                     allowed_mentions=discord.AllowedMentions(users=True))
+        self.message_id = str(message.id)
         for chunk in followups:
             await channel.send(chunk)
 
@@ -130,10 +156,12 @@ class InteractionResponder:
             await self.interaction.response.send_message(message, ephemeral=True)
 
     async def info(self, message: str) -> None:
-        if self.interaction.response.is_done():
-            await self.interaction.followup.send(message, ephemeral=True)
-        else:
-            await self.interaction.response.send_message(message, ephemeral=True)
+        """Ephemeral; a long text (a listing) goes out as several messages."""
+        for chunk in split_text(message):
+            if self.interaction.response.is_done():
+                await self.interaction.followup.send(chunk, ephemeral=True)
+            else:
+                await self.interaction.response.send_message(chunk, ephemeral=True)
 
 
 class AigcBot(ext_commands.Bot):
@@ -141,11 +169,42 @@ class AigcBot(ext_commands.Bot):
 
     def __init__(self, services: Services, **options: object) -> None:
         intents = discord.Intents.default()
+        intents.message_content = services.settings.discord_message_content
         super().__init__(command_prefix=ext_commands.when_mentioned, intents=intents,
                          help_command=None, **options)  # type: ignore[arg-type]
         self.services = services
         self.settings = services.settings
         self.tree.on_error = self.on_app_command_error
+        self.poster = DiscordPoster(self)
+        self.modlog = PosterModLog(self.poster, channel_for=self.modlog_channel)
+        schedules = services.schedules
+        schedules.poster = self.poster
+        schedules.channel_exists = self.poster.can_post
+        schedules.names = self.poster.names
+        schedules.modlog = self.modlog
+        self._starting_schedules: asyncio.Task[None] | None = None
+
+    async def modlog_channel(self, guild: str | None) -> str | None:
+        """The server's `modlog_channel` setting (None: notes go to the bot's log)."""
+        if not guild:
+            return None
+        value = await self.services.adb.run(self.services.config.effective, "modlog_channel", guild, None,
+                                            global_defaults(self.settings))
+        return str(value) if value else None
+
+    async def on_ready(self) -> None:
+        if self._starting_schedules is None:  # once: READY after a reconnect changes nothing
+            self._starting_schedules = asyncio.create_task(self.services.schedules.start())
+        await self._starting_schedules
+
+    async def close(self) -> None:
+        starting = self._starting_schedules
+        if starting is not None and not starting.done():  # closed while catching up on missed slots
+            starting.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await starting
+        await self.services.schedules.stop()  # no scheduled post may outlive the connection
+        await super().close()
 
     async def setup_hook(self) -> None:
         from bot.cogs import setup_cogs

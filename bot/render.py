@@ -77,6 +77,14 @@ def render_result(record: JobRecord, attachment_limit: int = DEFAULT_ATTACHMENT_
     elif text:
         rendered.content = split_text(text)[0]
     budget = attachment_limit
+    reasoning = str((record.result or {}).get("reasoning") or "")
+    if reasoning:  # set by bot.conversation.ChatResponder where the server attaches reasoning
+        data = reasoning.encode("utf-8")
+        if len(data) <= budget:
+            budget -= len(data)
+            rendered.files.append(FileOut("reasoning.txt", data, "text/plain"))
+        else:
+            rendered.notes.append("the reasoning is too large to attach here")
     for artifact in record.artifacts:
         path = Path(artifact.path)
         if artifact.size > budget or not path.exists():

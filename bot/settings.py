@@ -112,6 +112,11 @@ class Settings(BaseSettings):
         description="Comma-separated guild ids to sync commands to; empty: sync globally.",
     )
     discord_moderator_role: str = Field("Moderator", validation_alias=_env("DISCORD_MODERATOR_ROLE"))
+    discord_message_content: bool = Field(
+        False, validation_alias=_env("DISCORD_MESSAGE_CONTENT"),
+        description="Request the privileged Message Content intent (enable it in the Developer Portal "
+        "first), so replies to the bot continue a conversation even without the reply @mention.",
+    )
     discord_api_base: str = Field(
         "https://discord.com/api/v10", validation_alias=_env("DISCORD_API_BASE")
     )

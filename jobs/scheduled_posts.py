@@ -99,14 +99,15 @@ class LogModLog:
 
 class PosterModLog:
     """Notes posted to each server's mod-log channel through the Poster (``channel_for(guild)``,
-    e.g. the ``modlog_channel`` guild setting); the bot's log where none is set or posting fails."""
+    e.g. the ``modlog_channel`` guild setting, may be async); the bot's log where none is set
+    or posting fails."""
 
-    def __init__(self, poster: Poster, channel_for: Callable[[str | None], str | None]) -> None:
+    def __init__(self, poster: Poster, channel_for: Callable[[str | None], MaybeAwaitable[str | None]]) -> None:
         self.poster = poster
         self.channel_for = channel_for
 
     async def note(self, guild_id: str | None, message: str) -> None:
-        channel = self.channel_for(guild_id)
+        channel = await _maybe(self.channel_for(guild_id))
         if channel:
             try:
                 await self.poster.send(str(channel), message, [])

@@ -9,9 +9,15 @@ if TYPE_CHECKING:
 
 
 async def setup_cogs(bot: AigcBot) -> None:
+    from bot.cogs.conversation import ConversationCog
     from bot.cogs.generation import CancelButton, GenerationCog, RegenerateButton
     from bot.cogs.jobs import JobsCog
+    from bot.cogs.moderation import ModerationCog
+    from bot.cogs.schedule import ScheduleCog
 
     await bot.add_cog(GenerationCog(bot))
+    await bot.add_cog(ConversationCog(bot))
     await bot.add_cog(JobsCog(bot))
+    await bot.add_cog(ModerationCog(bot))
+    await bot.add_cog(ScheduleCog(bot))
     bot.add_dynamic_items(CancelButton, RegenerateButton)

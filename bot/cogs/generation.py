@@ -1,4 +1,9 @@
-"""/chat, /imagine, /speak and the Regenerate / Cancel buttons under their messages."""
+"""/chat, /imagine, /speak and the Regenerate / Cancel buttons under their messages.
+
+Every generation goes through `bot.chat`: the command must be enabled here and the prompt
+allowed by the server's safety rules (refusals are ephemeral and noted in the mod log);
+/chat answers are recorded as conversation turns so a reply continues them.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +14,9 @@ import discord
 from discord import app_commands
 from discord.ext import commands as ext_commands
 
-from bot import commands
-from bot.gateway import InteractionResponder, invocation, member_is_moderator
+from bot import chat as chat_flow
+from bot.cogs.moderation import persona_choices
+from bot.gateway import InteractionResponder, invocation, moderates
 from bot.render import CANCEL_ID, CANCEL_PATTERN, REGENERATE_ID, REGENERATE_PATTERN
 from storage.jobs import JobNotFound
 
@@ -27,31 +33,47 @@ def job_view(job_id: int, running: bool) -> discord.ui.View:
 
 async def run_generation(interaction: discord.Interaction, kind: str, prompt: str,
                          params: dict[str, Any], model: str | None = None) -> None:
-    """Shared by the generation commands and the Regenerate button."""
+    """/imagine and /speak: checks, then the job, shown on the deferred interaction."""
     bot: AigcBot = interaction.client  # type: ignore[assignment]
     await interaction.response.defer(thinking=True)  # first: Discord's 3-second deadline
     responder = InteractionResponder(interaction, bot)
-    await commands.generate(invocation(interaction, bot.settings), responder, bot.services, kind, prompt,
-                            params, model)
+    inv = await invocation(interaction, bot.services)
+    await chat_flow.generate_guarded(inv, responder, bot.services, kind, prompt, params, model, modlog=bot.modlog)
 
 
 class GenerationCog(ext_commands.Cog, name="Generation"):
     def __init__(self, bot: AigcBot) -> None:
         self.bot = bot
 
-    @app_commands.command(name="chat", description="Talk to the bot's text model")
+    @app_commands.command(name="chat", description="Talk to the bot's text model (reply to its answer to go on)")
     @app_commands.describe(
         prompt="What you want to say or ask",
+        persona="Which of this server's personas answers (default: the channel's or server's)",
         temperature="Randomness: 0 is deterministic, higher is more creative (0–2)",
         max_tokens="Longest answer, in tokens",
         seed="Same seed and prompt give the same answer",
     )
     async def chat(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 4000],
+                   persona: app_commands.Range[str, 1, 32] | None = None,
                    temperature: app_commands.Range[float, 0.0, 2.0] | None = None,
                    max_tokens: app_commands.Range[int, 1, 4096] | None = None,
                    seed: app_commands.Range[int, 0, 2**53 - 1] | None = None) -> None:
-        params = _drop_none(temperature=temperature, max_new_tokens=max_tokens, seed=seed)
-        await run_generation(interaction, "text", prompt, params)
+        await interaction.response.defer(thinking=True)  # first: Discord's 3-second deadline
+        responder = InteractionResponder(interaction, self.bot)
+        inv = await invocation(interaction, self.bot.services)
+
+        async def answer_id() -> str | None:
+            return responder.message_id
+
+        options = _drop_none(temperature=temperature, max_new_tokens=max_tokens, seed=seed)
+        await chat_flow.chat(inv, responder, self.bot.services, prompt, prompt_message_id=str(interaction.id),
+                             answer_message_id=answer_id, options=options, persona=persona, modlog=self.bot.modlog,
+                             bot_id=str(self.bot.user.id) if self.bot.user else "bot")
+
+    @chat.autocomplete("persona")
+    async def persona_autocomplete(self, interaction: discord.Interaction, current: str
+                                   ) -> list[app_commands.Choice[str]]:
+        return await persona_choices(self.bot, interaction, current)
 
     @app_commands.command(name="imagine", description="Generate an image")
     @app_commands.describe(
@@ -98,7 +120,8 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=CANC
 
     async def callback(self, interaction: discord.Interaction) -> None:
         bot: AigcBot = interaction.client  # type: ignore[assignment]
-        moderator = member_is_moderator(interaction.user, bot.settings)
+        guild = str(interaction.guild_id) if interaction.guild_id else None
+        moderator = await moderates(bot.services, interaction.user, guild)
         try:
             status = await bot.services.queue.cancel(self.job_id, None if moderator else str(interaction.user.id))
         except PermissionError:
@@ -132,12 +155,21 @@ class RegenerateButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=
         except JobNotFound:
             await interaction.response.send_message(f"Job {self.job_id} no longer exists.", ephemeral=True)
             return
-        if record.requester != str(interaction.user.id) and not member_is_moderator(interaction.user, bot.settings):
+        guild = str(interaction.guild_id) if interaction.guild_id else None
+        if record.requester != str(interaction.user.id) and not await moderates(bot.services, interaction.user, guild):
             await interaction.response.send_message(
                 "Only the person who asked for this, or a moderator, can regenerate it.", ephemeral=True)
             return
-        params = {k: v for k, v in record.params.items() if v is not None}
-        await run_generation(interaction, record.kind, record.prompt, params, record.model)
+        await interaction.response.defer(thinking=True)
+        responder = InteractionResponder(interaction, bot)
+        inv = await invocation(interaction, bot.services)
+
+        async def answer_id() -> str | None:
+            return responder.message_id
+
+        replaces = str(interaction.message.id) if interaction.message else None
+        await chat_flow.regenerate(inv, responder, bot.services, record, replaces=replaces, answer_message_id=answer_id,
+                                   modlog=bot.modlog, bot_id=str(bot.user.id) if bot.user else "bot")
 
 
 def _drop_none(**values: Any) -> dict[str, Any]:

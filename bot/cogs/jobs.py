@@ -1,4 +1,4 @@
-"""/queue, /cancel and /help."""
+"""/queue, /cancel and /help (each switchable per server with `enabled_commands`)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from discord.ext import commands as ext_commands
 
 from bot import commands
 from bot.gateway import InteractionResponder, invocation
+from bot.moderation import command_allowed
 
 if TYPE_CHECKING:
     from bot.gateway import AigcBot
@@ -19,16 +20,27 @@ class JobsCog(ext_commands.Cog, name="Jobs"):
     def __init__(self, bot: AigcBot) -> None:
         self.bot = bot
 
+    async def _begin(self, interaction: discord.Interaction, command: str
+                     ) -> tuple[commands.Invocation, InteractionResponder] | None:
+        """The invocation and responder, or None (the user told why) where the command is off."""
+        inv = await invocation(interaction, self.bot.services)
+        responder = InteractionResponder(interaction, self.bot)
+        refusal = await command_allowed(self.bot.services, inv, command)
+        if refusal is not None:
+            await responder.error(refusal)
+            return None
+        return inv, responder
+
     @app_commands.command(name="queue", description="Your jobs and their places in the queue")
     async def queue(self, interaction: discord.Interaction) -> None:
-        responder = InteractionResponder(interaction, self.bot)
-        await commands.show_queue(invocation(interaction, self.bot.settings), responder, self.bot.services)
+        if begun := await self._begin(interaction, "queue"):
+            await commands.show_queue(*begun, self.bot.services)
 
     @app_commands.command(name="cancel", description="Cancel one of your jobs")
     @app_commands.describe(job="The job number (shown while it is queued)")
     async def cancel(self, interaction: discord.Interaction, job: app_commands.Range[int, 1, 2**53 - 1]) -> None:
-        await commands.cancel(invocation(interaction, self.bot.settings), InteractionResponder(interaction, self.bot),
-                              self.bot.services, job)
+        if begun := await self._begin(interaction, "cancel"):
+            await commands.cancel(*begun, self.bot.services, job)
 
     @cancel.autocomplete("job")
     async def job_autocomplete(self, interaction: discord.Interaction, current: str
@@ -43,4 +55,5 @@ class JobsCog(ext_commands.Cog, name="Jobs"):
 
     @app_commands.command(name="help", description="What this bot can do")
     async def help(self, interaction: discord.Interaction) -> None:
-        await commands.show_help(InteractionResponder(interaction, self.bot))
+        if begun := await self._begin(interaction, "help"):
+            await commands.show_help(begun[1])

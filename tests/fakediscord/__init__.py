@@ -100,8 +100,10 @@ Delivery:
 - ``await dispatch(event, data, *, intent=None, guild_id=None)`` - any gateway event (only
   to sessions with ``intent``; ``guild_id`` picks the owning shard);
   ``guild_create_payload(guild_id)`` builds GUILD_CREATE data for a guild added later; ``await
-  send_user_message(content, *, user=None, channel_id=None)`` - a user's MESSAGE_CREATE
-  (content blanked without the MESSAGE_CONTENT intent, as on Discord).
+  send_user_message(content, *, user=None, channel_id=None, reply_to=None, mention_author=True)``
+  - a user's MESSAGE_CREATE (content blanked without the MESSAGE_CONTENT intent unless it
+  mentions the bot, as on Discord; ``reply_to`` a message or id makes it a reply, whose
+  ping puts the replied-to author in ``mentions`` unless ``mention_author=False``).
 - ``fake.gateway`` (:class:`GatewayServer`): ``sessions``, ``received`` frames,
   ``close_codes``, ``compress_modes``, ``connections``; ``await reconnect()`` (op 7),
   ``invalidate_sessions(resumable=False)`` (op 9), ``request_heartbeat()``,

@@ -1095,24 +1095,34 @@ class FakeDiscord:
         user: Any = None,
         channel_id: str | None = None,
         attachments: Iterable[StoredAttachment] = (),
+        reply_to: Any = None,
+        mention_author: bool = True,
     ) -> StoredMessage:
         """A user posts a message: stored, and MESSAGE_CREATE sent to the bot.
 
         Without the MESSAGE_CONTENT intent the bot gets empty content (unless it is a DM or
-        mentions the bot), as on Discord.
+        mentions the bot), as on Discord. ``reply_to`` (a message or its id) makes it a reply
+        (type 19, ``message_reference``, ``referenced_message``); with ``mention_author``
+        (Discord's default) the replied-to author is in ``mentions``, as a reply ping.
         """
         channel = self.channels[channel_id or self.channel_id]
         gid = channel.get("guild_id")
         # In a DM the only other participant is the recipient.
         author = self._member_of(user, gid)["user"] if gid else self.users[channel["recipients"][0]["id"]]
+        body: dict[str, Any] = {"content": content}
+        if reply_to is not None:
+            body["message_reference"] = {"message_id": getattr(reply_to, "id", reply_to)}
         msg = self._new_message(
             channel["id"],
-            {"content": content},
+            body,
             [],
             author=author,
             kind="user",
             uploaded=list(attachments),
         )
+        replied = msg.data.get("referenced_message")
+        if replied and mention_author and all(u["id"] != replied["author"]["id"] for u in msg.data["mentions"]):
+            msg.data["mentions"].append(dict(replied["author"]))
         await self._emit("MESSAGE_CREATE", msg)
         return msg
 
