@@ -28,7 +28,9 @@ Commands:
   /speak TEXT       read text aloud
   /queue            your jobs and their places in the queue
   /cancel JOB       cancel one of your jobs
-  /help             this list"""
+  /help             this list
+Reply to one of the bot's /chat answers to continue that conversation.
+Moderators: /config, /persona, /blocklist, /schedule (and /community, /curate, /retrain, /model)."""
 
 KIND_LABEL = {"text": "chat", "image": "image", "audio": "speech"}
 
