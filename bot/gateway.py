@@ -39,6 +39,7 @@ from bot.render import DEFAULT_ATTACHMENT_LIMIT, FileOut, progress_text, render_
 from bot.services import Services, build_services
 from bot.settings import Settings
 from bot.throttle import EditThrottle
+from generators.queue import JobEvent
 from jobs.scheduled_posts import PosterModLog
 from storage.jobs import JobRecord
 
@@ -112,6 +113,7 @@ class InteractionResponder:
 
     async def accepted(self, record: JobRecord) -> None:
         self.job_id = record.id
+        self.bot.followed.add(record.id)
 
     async def progress(self, text: str) -> None:
         self.throttle.update(progress_text(text))
@@ -183,6 +185,36 @@ class AigcBot(ext_commands.Bot):
         schedules.names = self.poster.names
         schedules.modlog = self.modlog
         self._starting_schedules: asyncio.Task[None] | None = None
+        #: Jobs an interaction in this process is showing; others (recovered after a restart)
+        #: are delivered to their channel when they finish.
+        self.followed: set[int] = set()
+        self._deliveries: set[asyncio.Task[None]] = set()
+        services.queue.add_listener(self._on_job_event)
+
+    def _on_job_event(self, event: JobEvent) -> None:
+        record = event.record
+        if event.type != "finished" or record is None:
+            return
+        if record.id in self.followed:
+            self.followed.discard(record.id)
+            return
+        if record.source == "discord" and record.status == "succeeded" and record.channel:
+            task = asyncio.create_task(self._deliver_orphan(record))
+            self._deliveries.add(task)
+            task.add_done_callback(self._deliveries.discard)
+
+    async def _deliver_orphan(self, record: JobRecord) -> None:
+        """A job accepted before a restart: its interaction is gone, so post to its channel."""
+        rendered = render_result(record)
+        mention = f"<@{record.requester}> " if record.requester.isdigit() else ""
+        try:
+            channel = self.get_channel(int(record.channel or 0)) or await self.fetch_channel(int(record.channel or 0))
+            if not isinstance(channel, discord.abc.Messageable):
+                raise TypeError("not a text channel")
+            await channel.send(f"{mention}{rendered.content}"[:2000], files=to_files(rendered.files),
+                               allowed_mentions=discord.AllowedMentions(users=True, everyone=False, roles=False))
+        except (discord.HTTPException, TypeError, ValueError) as exc:
+            log.warning("could not deliver job %s after restart: %s", record.id, exc)
 
     async def modlog_channel(self, guild: str | None) -> str | None:
         """The server's `modlog_channel` setting (None: notes go to the bot's log)."""

@@ -7,62 +7,18 @@ Every REST request the bot makes is validated against Discord's OpenAPI spec by 
 from __future__ import annotations
 
 import asyncio
-import io
 import itertools
-from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
-from PIL import Image
 
-from bot.gateway import AigcBot
-from bot.services import Services, build_services, make_registry
-from bot.settings import load_settings
-from generators.base import Output, Request, Result
-from generators.registry import ModelRegistry
+from storage.jobs import NewJob
+from tests.discord_bots import PictureGenerator, make_bot
 from tests.fakediscord import FakeDiscord, running_client
 from tests.scripted import ScriptedGenerator
 
-
-def _png(color: tuple[int, int, int]) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), color).save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-class PictureGenerator(ScriptedGenerator):
-    """Returns a real PNG, like an image model would."""
-
-    def generate(self, requests: list[Request]) -> list[Result]:
-        super().generate(requests)
-        return [Result(outputs=[Output(_png((200, 10, 10)), "image/png", "image.png")],
-                       metadata={"seed": 1}) for _ in requests]
-
-
-@pytest_asyncio.fixture
-async def make_bot(fake_discord: FakeDiscord, tmp_path: Path, tiny_model_dir: Path,
-                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[..., Any]]:
-    started: list[Services] = []
-    monkeypatch.chdir(tmp_path)
-
-    async def make(generators: dict[str, Any] | None = None, **overrides: Any) -> tuple[AigcBot, Services]:
-        settings = load_settings(
-            data_dir=tmp_path / "data", text_model=str(tiny_model_dir), discord_token="fake-bot-token",
-            discord_application_id=int(fake_discord.app_id), discord_dev_guild_ids=[int(fake_discord.guild_id)],
-            discord_api_base=fake_discord.api_base, discord_gateway_url=fake_discord.gateway_url, **overrides)
-        registry = make_registry(settings)
-        if generators is not None:
-            registry = ModelRegistry({k: (lambda _n, g=g: g) for k, g in generators.items()},
-                                     {k: "m" for k in generators}, budget_bytes=2**30)
-        services = await build_services(settings, registry=registry)
-        started.append(services)
-        return AigcBot(services, guild_ready_timeout=0.05), services
-
-    yield make
-    for services in started:
-        await services.close()
+__all__ = ["make_bot"]  # the fixture
 
 
 @pytest.mark.asyncio
@@ -108,7 +64,7 @@ async def test_real_tiny_model_answers_through_discord(fake_discord: FakeDiscord
 @pytest.mark.asyncio
 async def test_imagine_delivers_the_png_as_an_attachment(fake_discord: FakeDiscord, make_bot: Any) -> None:
     fake = fake_discord
-    bot, services = await make_bot({"text": ScriptedGenerator(), "image": PictureGenerator(kind="image")})
+    bot, services = await make_bot({"text": ScriptedGenerator(), "image": PictureGenerator()})
     async with running_client(bot, fake):
         interaction = await fake.dispatch_interaction(fake.slash_command("imagine", {"prompt": "a red square"}))
         final = await fake.wait_until(
@@ -222,3 +178,22 @@ async def test_queue_and_help_are_ephemeral(fake_discord: FakeDiscord, make_bot:
     content = reply["data"]["content"]
     assert reply["data"]["flags"] & 64 and "job 1" in content and "running" in content and "position 1" in content
     assert help_reply["data"]["flags"] & 64 and "/imagine" in help_reply["data"]["content"]
+
+
+@pytest.mark.asyncio
+async def test_job_accepted_before_a_restart_is_delivered_to_its_channel(fake_discord: FakeDiscord,
+                                                                        make_bot: Any) -> None:
+    """The interaction of a job accepted before a crash is gone; its result goes to the channel."""
+    fake = fake_discord
+    text = ScriptedGenerator()
+    text.gate.clear()  # the job waits in SQLite, as if the bot had died before running it
+    bot, services = await make_bot({"text": text})
+    user = fake.member["user"]["id"]
+    record = await services.queue.submit(NewJob(kind="text", model="", prompt="left over", requester=user,
+                                                source="discord", guild=fake.guild_id, channel=fake.channel_id))
+    async with running_client(bot, fake):
+        text.gate.set()
+        message = await fake.wait_until(
+            lambda: next((m for m in fake.messages(fake.channel_id) if "left over:1" in m.content), None), timeout=10)
+    assert message.content == f"<@{user}> left over:1"
+    assert (await services.queue.get(record.id)).status == "succeeded"
