@@ -1,0 +1,350 @@
+"""The HTTP interactions endpoint (`bot.http_app`) and its REST client (`bot.rest`), end to end.
+
+The endpoint is a real aiohttp server on loopback; the fake Discord signs and POSTs the
+interactions and serves the REST API the bot answers through. Every REST request and
+every HTTP reply is validated against Discord's OpenAPI spec by the fixture's teardown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import itertools
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+from PIL import Image
+
+from bot.gateway import AigcBot
+from bot.http_app import command_definitions, create_app, register_commands
+from bot.rest import DiscordHTTPError, RestClient, route_key
+from bot.services import Services, build_services, make_registry
+from bot.settings import load_settings
+from generators.base import Output, Request, Result
+from generators.registry import ModelRegistry
+from tests.fakediscord import FakeDiscord, payloads, running_client
+from tests.scripted import ScriptedGenerator
+
+TOKEN = "fake-bot-token"
+
+
+class PictureGenerator(ScriptedGenerator):
+    """Returns a real PNG, like an image model would."""
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        super().generate(requests)
+        buffer = io.BytesIO()
+        Image.new("RGB", (8, 8), (200, 10, 10)).save(buffer, format="PNG")
+        return [Result(outputs=[Output(buffer.getvalue(), "image/png", "image.png")]) for _ in requests]
+
+
+@dataclass
+class HttpBot:
+    url: str
+    services: Services
+    rest: RestClient
+
+
+@pytest_asyncio.fixture
+async def make_http_bot(fake_discord: FakeDiscord, tmp_path: Path, tiny_model_dir: Path,
+                        monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[..., Any]]:
+    """``await make(generators, token_window_s=..., **settings)`` → a served endpoint, commands registered."""
+    fake = fake_discord
+    started: list[tuple[TestServer, RestClient, Services]] = []
+    monkeypatch.chdir(tmp_path)
+
+    async def make(generators: dict[str, Any] | None = None, *, token_window_s: float = 870.0,
+                   **overrides: Any) -> HttpBot:
+        settings = load_settings(
+            data_dir=tmp_path / "data", text_model=str(tiny_model_dir), discord_token=TOKEN,
+            discord_application_id=int(fake.app_id), discord_dev_guild_ids=[int(fake.guild_id)],
+            discord_api_base=fake.api_base, discord_public_key=fake.public_key, **overrides)
+        registry = make_registry(settings)
+        if generators is not None:
+            registry = ModelRegistry({k: (lambda _n, g=g: g) for k, g in generators.items()},
+                                     {k: "m" for k in generators}, budget_bytes=2**30)
+        services = await build_services(settings, registry=registry)
+        rest = RestClient(settings.discord_token, settings.discord_api_base)
+        definitions = await command_definitions()
+        await register_commands(rest, settings, definitions)  # what run_http does at start
+        server = TestServer(create_app(services, settings, rest, definitions=definitions,
+                                       token_window_s=token_window_s), host="127.0.0.1")
+        await server.start_server()
+        started.append((server, rest, services))
+        return HttpBot(str(server.make_url("/interactions")), services, rest)
+
+    yield make
+    for server, rest, services in reversed(started):
+        await server.close()  # cancels the endpoint's background tasks
+        await rest.close()
+        await services.close()
+
+
+def _final(fake: FakeDiscord, interaction: Any, custom_id: str) -> Any:
+    message = fake.original_response(interaction)
+    return message if message and custom_id in message.custom_ids() else None
+
+
+async def _raw_post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, Any]:
+    async with aiohttp.ClientSession() as session, session.post(url, data=body, headers=headers) as resp:
+        return resp.status, await resp.json(content_type=None)
+
+
+@pytest.mark.asyncio
+async def test_ping_signatures_and_malformed_bodies(fake_discord: FakeDiscord, make_http_bot: Any) -> None:
+    fake = fake_discord
+    bot = await make_http_bot({"text": ScriptedGenerator()})
+    pong = await fake.ping(bot.url)
+    assert pong.status == 200 and pong.json == {"type": 1}
+
+    chat = fake.slash_command("chat", {"prompt": "hi"})
+    assert (await fake.post_interaction(bot.url, chat, tamper=True)).status == 401
+    body = json.dumps(payloads.ping(application_id=fake.app_id)).encode()
+    assert (await _raw_post(bot.url, body, {"Content-Type": "application/json"}))[0] == 401  # unsigned
+    stale = str(int(time.time()) - 600)
+    assert (await fake.post_interaction(bot.url, chat, signer=fake.signer, timestamp=stale)).status == 401
+    future = fake.signer.headers(body, timestamp=str(int(time.time()) + 600))
+    assert (await _raw_post(bot.url, body, future))[0] == 401
+
+    for bad in (b"{not json", b"\xff\xfe", b"[1, 2]", b'{"type": 99}', b'{"type": "2"}',
+                json.dumps({**chat, "data": None}).encode(), json.dumps({**chat, "member": {"user": {}}}).encode()):
+        status, answer = await _raw_post(bot.url, bad, fake.signer.headers(bad))
+        assert status == 400 and isinstance(answer["error"], str), bad
+    assert bot.services.store.list_jobs() == []
+
+
+@pytest.mark.asyncio
+async def test_chat_is_deferred_then_edited_through_rest(fake_discord: FakeDiscord, make_http_bot: Any) -> None:
+    fake = fake_discord
+    bot = await make_http_bot({"text": ScriptedGenerator(steps=12, step_s=0.1)})
+    reply = await fake.post_interaction(bot.url, fake.slash_command("chat", {"prompt": "hello there", "seed": 3}))
+    assert reply.status == 200 and reply.json == {"type": 5}
+    final = await fake.wait_until(lambda: _final(fake, reply.interaction, "aigc:regen:1"), timeout=10)
+    assert final.content == "hello there:12" and not final.ephemeral
+    edits = fake.find_requests("PATCH", r"/messages/@original$")
+    assert any("aigc:cancel:1" in json.dumps(e.json) for e in edits[:-1])  # Cancel while running
+    assert all("Authorization" not in e.headers for e in edits)  # webhooks need no bot token
+    gaps = [b.time - a.time for a, b in itertools.pairwise(edits)]
+    assert gaps and min(gaps) >= 0.95  # the gateway's throttle: one edit per second
+    record = await bot.services.queue.get(1)
+    assert record.status == "succeeded" and record.source == "discord" and record.params["seed"] == 3
+    assert record.requester == fake.member["user"]["id"] and record.guild == fake.guild_id
+
+
+@pytest.mark.asyncio
+async def test_real_tiny_model_answers_over_http(fake_discord: FakeDiscord, make_http_bot: Any) -> None:
+    fake = fake_discord
+    bot = await make_http_bot(None, max_new_tokens=16)
+    reply = await fake.post_interaction(
+        bot.url, fake.slash_command("chat", {"prompt": "hi", "temperature": 0.0, "max_tokens": 16}))
+    final = await fake.wait_until(lambda: _final(fake, reply.interaction, "aigc:regen:1"), timeout=30)
+    record = await bot.services.queue.get(1)
+    assert record.params["max_new_tokens"] == 16 and final.content == record.result["text"].strip()
+
+
+@pytest.mark.asyncio
+async def test_image_result_is_uploaded_as_multipart(fake_discord: FakeDiscord, make_http_bot: Any) -> None:
+    fake = fake_discord
+    bot = await make_http_bot({"text": ScriptedGenerator(), "image": PictureGenerator(kind="image")})
+    reply = await fake.post_interaction(bot.url, fake.slash_command("imagine", {"prompt": "a red square"}))
+    final = await fake.wait_until(lambda: _final(fake, reply.interaction, "aigc:regen:1"), timeout=10)
+    upload = fake.find_requests("PATCH", r"/messages/@original$")[-1]
+    assert upload.content_type.startswith("multipart/form-data")
+    assert upload.json["attachments"] == [{"id": 0, "filename": "image.png"}]
+    [artifact] = (await bot.services.queue.get(1)).artifacts
+    [attachment] = final.attachments
+    assert [f.field for f in upload.files] == ["files[0]"]
+    assert attachment.data == Path(artifact.path).read_bytes() and attachment.content_type == "image/png"
+
+
+@pytest.mark.asyncio
+async def test_cancel_button_refuses_strangers_and_obeys_the_requester(fake_discord: FakeDiscord,
+                                                                       make_http_bot: Any) -> None:
+    fake = fake_discord
+    bot = await make_http_bot({"text": ScriptedGenerator(steps=400, step_s=0.05)})
+    stranger = fake.add_member(fake.guild_id, fake.add_user("stranger"))
+    reply = await fake.post_interaction(bot.url, fake.slash_command("chat", {"prompt": "long story"}))
+    running = await fake.wait_until(lambda: _final(fake, reply.interaction, "aigc:cancel:1"), timeout=10)
+
+    refused = await fake.post_interaction(bot.url, fake.component_click("aigc:cancel:1", message=running,
+                                                                         user=stranger))
+    assert refused.json["type"] == 4 and refused.json["data"]["flags"] & 64
+    assert "Only the person" in refused.json["data"]["content"]
+    assert (await bot.services.queue.get(1)).status == "running"
+
+    accepted = await fake.post_interaction(bot.url, fake.component_click("aigc:cancel:1", message=running))
+    assert accepted.json["data"]["content"].startswith("Job 1:") and accepted.json["data"]["flags"] & 64
+    assert (await asyncio.wait_for(bot.services.queue.wait(1), 10)).status == "cancelled"
+    [notice] = await fake.wait_until(lambda: fake.followups(reply.interaction), timeout=5)
+    assert notice.ephemeral and "cancelled" in notice.content
+    assert fake.original_response(reply.interaction).deleted
+
+
+@pytest.mark.asyncio
+async def test_regenerate_button_runs_the_job_again(fake_discord: FakeDiscord, make_http_bot: Any) -> None:
+    fake = fake_discord
+    text = ScriptedGenerator()
+    bot = await make_http_bot({"text": text})
+    first = await fake.post_interaction(bot.url, fake.slash_command("chat", {"prompt": "again", "seed": 5}))
+    done = await fake.wait_until(lambda: _final(fake, first.interaction, "aigc:regen:1"), timeout=10)
+    again = await fake.post_interaction(bot.url, fake.component_click("aigc:regen:1", message=done))
+    assert again.json == {"type": 5}
+    await fake.wait_until(lambda: _final(fake, again.interaction, "aigc:regen:2"), timeout=10)
+    second = await bot.services.queue.get(2)
+    assert second.prompt == "again" and second.params["seed"] == 5 and text.calls == [["again"], ["again"]]
+
+
+@pytest.mark.asyncio
+async def test_queue_help_cancel_and_autocomplete_answer_in_the_reply(fake_discord: FakeDiscord,
+                                                                      make_http_bot: Any) -> None:
+    fake = fake_discord
+    text = ScriptedGenerator()
+    text.gate.clear()  # hold the first job so the second waits
+    bot = await make_http_bot({"text": text})
+    await fake.post_interaction(bot.url, fake.slash_command("chat", {"prompt": "one"}))
+    await fake.post_interaction(bot.url, fake.slash_command("chat", {"prompt": "two"}))
+    await fake.wait_until(lambda: bot.services.queue.position(2) == 1, timeout=10)
+    listing = (await fake.post_interaction(bot.url, fake.slash_command("queue"))).json["data"]
+    assert listing["flags"] & 64 and "job 1" in listing["content"] and "position 1" in listing["content"]
+    choices = (await fake.post_interaction(bot.url, fake.autocomplete("cancel", "job", "two"))).json
+    assert choices["type"] == 8 and [c["value"] for c in choices["data"]["choices"]] == [2]
+    other = fake.add_member(fake.guild_id, fake.add_user("other"))
+    denied = (await fake.post_interaction(bot.url, fake.slash_command("cancel", {"job": 2}, user=other))).json
+    assert "your own jobs" in denied["data"]["content"] and denied["data"]["flags"] & 64
+    by_moderator = await fake.post_interaction(bot.url, fake.slash_command("cancel", {"job": 2}, user=fake.moderator))
+    assert by_moderator.json["data"]["content"] == "Job 2 cancelled."
+    helped = (await fake.post_interaction(bot.url, fake.slash_command("help"))).json["data"]
+    assert helped["flags"] & 64 and "/imagine" in helped["content"]
+    text.gate.set()
+    assert (await asyncio.wait_for(bot.services.queue.wait(1), 10)).status == "succeeded"
+
+
+@pytest.mark.asyncio
+async def test_unknown_command_and_oversized_option_are_refused_ephemerally(fake_discord: FakeDiscord,
+                                                                             make_http_bot: Any) -> None:
+    fake = fake_discord
+    bot = await make_http_bot({"text": ScriptedGenerator()})
+    unknown = await fake.post_interaction(bot.url, fake.slash_command("frobnicate", {"level": 3}))
+    assert unknown.status == 200 and unknown.json["type"] == 4 and unknown.json["data"]["flags"] & 64
+    assert "Unknown command /frobnicate" in unknown.json["data"]["content"]
+    huge = await fake.post_interaction(bot.url, fake.slash_command("chat", {"prompt": "x" * 4001}))
+    assert huge.json["type"] == 4 and huge.json["data"]["flags"] & 64
+    assert "too long" in huge.json["data"]["content"] and "4000" in huge.json["data"]["content"]
+    hot = await fake.post_interaction(bot.url, fake.slash_command("chat", {"prompt": "x", "temperature": 9.5}))
+    assert "at most 2.0" in hot.json["data"]["content"]
+    assert bot.services.store.list_jobs() == []
+
+
+@pytest.mark.asyncio
+async def test_route_and_global_429s_are_survived(fake_discord: FakeDiscord, make_http_bot: Any) -> None:
+    fake = fake_discord
+    bot = await make_http_bot({"text": ScriptedGenerator()})
+    route = fake.rate_limit_next("PATCH", r"/messages/@original$", retry_after=0.3, count=1)
+    reply = await fake.post_interaction(bot.url, fake.slash_command("chat", {"prompt": "hello"}))
+    final = await fake.wait_until(lambda: _final(fake, reply.interaction, "aigc:regen:1"), timeout=10)
+    assert len(route.hits) == 1 and final.content == "hello:1"
+    after = min(r.time for r in fake.find_requests("PATCH", r"/messages/@original$") if r.time > route.hits[0].time)
+    assert after - route.hits[0].time >= 0.29
+
+    # A global 429 on one route holds back every other route until it passes.
+    rest = RestClient(TOKEN, fake.api_base)
+    try:
+        blocked = fake.rate_limit_next("GET", r"/users/@me$", retry_after=0.4, global_=True)
+        me = asyncio.create_task(rest.get_me())
+        await fake.wait_until(lambda: blocked.hits, timeout=5)
+        await rest.bulk_overwrite_commands(fake.app_id, [], guild_id=fake.guild_id)
+        assert (await me)["id"] == fake.app_id
+    finally:
+        await rest.close()
+    [put] = fake.find_requests("PUT", r"/guilds/\d+/commands$")[-1:]
+    assert put.time - blocked.hits[0].time >= 0.39 and rest.retries == 1
+
+
+@pytest.mark.asyncio
+async def test_rest_client_waits_for_an_exhausted_bucket_and_hides_the_token(fake_discord: FakeDiscord) -> None:
+    times: list[float] = []
+
+    async def limited(request: web.Request) -> web.Response:
+        times.append(time.monotonic())
+        headers = {"X-RateLimit-Bucket": "abc", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset-After": "0.3"}
+        return web.json_response({"id": request.match_info["channel"]}, headers=headers)
+
+    app = web.Application()
+    app.router.add_post("/api/v10/channels/{channel}/messages", limited)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    rest = RestClient("s3cret-token", str(server.make_url("/api/v10")))
+    try:
+        await rest.create_message(1234567890, "one")
+        await rest.create_message(1234567890, "two")  # same bucket, none left: waits for the reset
+        await rest.create_message(9876543210, "three")  # another channel is another bucket
+    finally:
+        await rest.close()
+        await server.close()
+    assert times[1] - times[0] >= 0.28 and times[2] - times[1] < 0.2
+
+    wrong = RestClient("s3cret-token", fake_discord.api_base)
+    try:
+        with pytest.raises(DiscordHTTPError) as caught:
+            await wrong.get_me()
+    finally:
+        await wrong.close()
+    assert caught.value.status == 401 and "s3cret" not in str(caught.value) and "s3cret" not in repr(wrong)
+    assert route_key("PATCH", "/webhooks/1234567/tok/messages/@original") == \
+        "PATCH /webhooks/1234567/tok/messages/@original"
+    assert route_key("DELETE", "/channels/123456/messages/987654") == "DELETE /channels/123456/messages/{id}"
+
+
+@pytest.mark.asyncio
+async def test_late_results_go_to_the_channel_or_expire(fake_discord: FakeDiscord, make_http_bot: Any) -> None:
+    fake = fake_discord
+    bot = await make_http_bot({"text": ScriptedGenerator()}, token_window_s=0.0)  # every token "expired"
+    reply = await fake.post_interaction(bot.url, fake.slash_command("chat", {"prompt": "late"}))
+    posted = await fake.wait_until(
+        lambda: [m for m in fake.messages(fake.channel_id) if m.content.endswith("late:1")], timeout=10)
+    assert posted[0].content == f"<@{fake.member['user']['id']}> late:1"
+    assert (await bot.services.queue.get(1)).status == "succeeded"
+    assert fake.original_response(reply.interaction).loading  # the token was never used again
+
+    hidden = fake.add_channel(fake.guild_id, "hidden", permission_overwrites=[
+        payloads.overwrite(fake.app_id, type=1, deny=payloads.VIEW_CHANNEL)])
+    await fake.post_interaction(bot.url, fake.slash_command("chat", {"prompt": "lost"}, channel_id=hidden["id"]))
+    record = await fake.wait_until(
+        lambda: [r for r in bot.services.store.list_jobs() if r.id == 2 and r.status == "expired"], timeout=10)
+    assert "expired" in record[0].error
+
+
+@pytest.mark.asyncio
+async def test_registered_commands_match_the_gateway_bot(fake_discord: FakeDiscord, make_http_bot: Any,
+                                                         fake_discord_factory: Any, tmp_path: Path) -> None:
+    await make_http_bot({"text": ScriptedGenerator()})
+    over_http = fake_discord.commands(fake_discord.guild_id)
+    gateway_fake = await fake_discord_factory()
+    settings = load_settings(data_dir=tmp_path / "gateway", discord_token=TOKEN,
+                             discord_application_id=int(gateway_fake.app_id),
+                             discord_dev_guild_ids=[int(gateway_fake.guild_id)],
+                             discord_api_base=gateway_fake.api_base, discord_gateway_url=gateway_fake.gateway_url)
+    registry = ModelRegistry({"text": lambda _n: ScriptedGenerator()}, {"text": "m"}, budget_bytes=2**30)
+    services = await build_services(settings, registry=registry)
+    try:
+        async with running_client(AigcBot(services, guild_ready_timeout=0.05), gateway_fake):
+            await gateway_fake.wait_until(lambda: gateway_fake.commands(gateway_fake.guild_id), timeout=5)
+    finally:
+        await services.close()
+    over_gateway = gateway_fake.commands(gateway_fake.guild_id)
+
+    def comparable(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        ignore = {"id", "application_id", "guild_id", "version"}
+        return sorted(({k: v for k, v in c.items() if k not in ignore} for c in commands), key=lambda c: c["name"])
+
+    assert {"chat", "imagine", "speak", "queue", "cancel", "help"} <= {c["name"] for c in over_http}
+    assert comparable(over_http) == comparable(over_gateway)
