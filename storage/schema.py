@@ -181,3 +181,83 @@ def _schedules(db: Database) -> None:
     )
     db.execute("CREATE INDEX schedules_guild ON schedules (guild)")
     db.execute("CREATE INDEX schedules_due ON schedules (paused, next_run_at)")
+
+
+@MIGRATIONS(name="0004_community")
+def _community(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE community_channels (    -- channels whose messages may be learned from (opt-in)
+            guild TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            added_by TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (guild, channel)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE community_optout (      -- members whose messages are never captured
+            guild TEXT NOT NULL,
+            user TEXT NOT NULL,
+            at REAL NOT NULL,
+            PRIMARY KEY (guild, user)
+        )
+        """
+    )
+    db.execute(
+        """
+        CREATE TABLE community_items (
+            id INTEGER PRIMARY KEY,
+            guild TEXT NOT NULL,
+            channel TEXT NOT NULL,
+            author TEXT NOT NULL,
+            message_id TEXT NOT NULL UNIQUE,
+            kind TEXT NOT NULL CHECK (kind IN ('text','image')),
+            text TEXT NOT NULL DEFAULT '',   -- scrubbed message text (an image's caption)
+            status TEXT NOT NULL DEFAULT 'pending' CHECK (status IN ('pending','approved','rejected')),
+            scrubbed INTEGER NOT NULL DEFAULT 0,   -- 1: personal data was replaced by placeholders
+            sha256 TEXT NOT NULL,            -- normalised text, or the image bytes: finds duplicates
+            created_at REAL NOT NULL,
+            edited_at REAL,
+            approved_by TEXT
+        )
+        """
+    )
+    db.execute("CREATE INDEX community_items_guild_status ON community_items (guild, status, kind)")
+    db.execute("CREATE INDEX community_items_author ON community_items (guild, author)")
+    db.execute("CREATE INDEX community_items_sha ON community_items (guild, sha256)")
+    db.execute(
+        """
+        CREATE TABLE community_files (
+            id INTEGER PRIMARY KEY,
+            item_id INTEGER NOT NULL REFERENCES community_items(id) ON DELETE CASCADE,
+            path TEXT NOT NULL,
+            sha256 TEXT NOT NULL,
+            mime TEXT NOT NULL,
+            size INTEGER NOT NULL
+        )
+        """
+    )
+    db.execute("CREATE INDEX community_files_item ON community_files (item_id)")
+    db.execute(
+        """
+        CREATE TABLE model_versions (
+            id INTEGER PRIMARY KEY,
+            guild TEXT NOT NULL,
+            modality TEXT NOT NULL CHECK (modality IN ('text','image')),
+            parent_id INTEGER REFERENCES model_versions(id) ON DELETE SET NULL,  -- what served when it was trained
+            status TEXT NOT NULL DEFAULT 'candidate'
+                CHECK (status IN ('candidate','promoted','rejected','rolled_back')),
+            path TEXT,                       -- the version's folder (adapter or image checkpoint)
+            data_snapshot TEXT NOT NULL DEFAULT '{}',  -- JSON: item ids and the sha256 of the set
+            hyperparams TEXT NOT NULL DEFAULT '{}',    -- JSON
+            metrics TEXT NOT NULL DEFAULT '{}',        -- JSON: before / after, tokens, seconds …
+            reason TEXT,                     -- why it was (not) promoted
+            created_at REAL NOT NULL,
+            promoted_at REAL                 -- the serving version is the promoted one promoted last
+        )
+        """
+    )
+    db.execute("CREATE INDEX model_versions_guild ON model_versions (guild, modality, status)")
