@@ -14,6 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 from bot.cli_schedule import add_schedule_parser, cmd_schedule
+from bot.cli_train import add_train_parser, cmd_train
 from bot.settings import Settings, SettingsError, load_settings
 from generators.base import GeneratorError
 from generators.queue import QueueError
@@ -78,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel = jobs_sub.add_parser("cancel", help="cancel a job")
     cancel.add_argument("job_id", type=int)
     add_schedule_parser(sub)
+    add_train_parser(sub)
     return parser
 
 
@@ -236,6 +238,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "generate": cmd_generate,
     "jobs": cmd_jobs,
     "schedule": cmd_schedule,
+    "train": cmd_train,
 }
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ The console, the Discord gateway bot and the HTTP interactions endpoint all rece
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,15 +14,26 @@ from pathlib import Path
 import sqlite_utils
 
 from bot.cli_schedule import poster_options
+from bot.community import CaptureBuffer, community_files_dir, finetune_settings
 from bot.moderation import KNOWN_COMMANDS
 from bot.settings import Settings
+from generators.adapters import AdapterTextGenerator, GuildAdapters
 from generators.base import Generator, GeneratorError
 from generators.quantization import resolve_device
 from generators.queue import GenerationQueue, QueueConfig
-from generators.registry import ModelRegistry
+from generators.registry import Factory, ModelRegistry
 from generators.safety import RuleCache
-from generators.text import TextGenerator
+from jobs.finetune import (
+    TRAINING_MODEL,
+    FinetuneRunner,
+    LoopDb,
+    NightlyTrainer,
+    TrainingGenerator,
+    adapter_updater,
+    serving_paths,
+)
 from jobs.scheduled_posts import ScheduledPoster
+from storage.community import CommunityStore
 from storage.conversations import ConversationStore
 from storage.database import AsyncDatabase, open_database
 from storage.guild_config import ConfigStore
@@ -49,8 +61,14 @@ class Services:
     conversations: ConversationStore
     rule_cache: RuleCache
     schedules: ScheduledPoster
+    community: CommunityStore
+    adapters: GuildAdapters
+    trainer: NightlyTrainer
+    capture: CaptureBuffer
 
     async def close(self) -> None:
+        await self.capture.stop()
+        await self.trainer.stop()
         await self.schedules.stop()
         await self.queue.stop()
         self.adb.close()
@@ -58,11 +76,13 @@ class Services:
         self.db.close()
 
 
-def make_registry(settings: Settings) -> ModelRegistry:
-    """The generators this bot offers, by modality; each created lazily on first use."""
+def make_registry(settings: Settings, runner: FinetuneRunner | None = None) -> ModelRegistry:
+    """The generators this bot offers, by modality; each created lazily on first use.
+    With a fine-tuning ``runner``, the training lane runs community fine-tunes."""
 
     def text(model: str) -> Generator:
-        return TextGenerator(
+        # Serves each server's promoted LoRA adapter (params["adapter"]) on one base model.
+        return AdapterTextGenerator(
             model,
             quantization_mode=settings.quantization,
             device=settings.device,
@@ -95,10 +115,14 @@ def make_registry(settings: Settings) -> ModelRegistry:
 
         return ImageGenerator(model=model)
 
+    factories: dict[str, Factory] = {"text": text, "image": image, "audio": audio}
+    defaults = {"text": settings.text_model, "image": settings.image_model, "audio": settings.speech_model or "hibari"}
+    if runner is not None:
+        factories["training"] = lambda _name: TrainingGenerator(runner)
+        defaults["training"] = TRAINING_MODEL
     return ModelRegistry(
-        factories={"text": text, "image": image, "audio": audio},
-        defaults={"text": settings.text_model, "image": settings.image_model,
-                  "audio": settings.speech_model or "hibari"},
+        factories=factories,
+        defaults=defaults,
         budget_bytes=settings.model_memory_budget_mb * 2**20,
     )
 
@@ -126,7 +150,12 @@ async def build_services(settings: Settings, *, recover: bool = True, load_backl
     db = open_database(settings.db_file)
     adb = AsyncDatabase()
     store = SqliteJobStore(db)
-    registry = registry or make_registry(settings)
+    community = CommunityStore(db, community_files_dir(settings))
+    adapters = GuildAdapters(serving_paths(community))
+    on_serving_changed = adapter_updater(adapters)
+    runner = FinetuneRunner(community, finetune_settings(settings), db=LoopDb(adb, asyncio.get_running_loop()),
+                            on_serving_changed=on_serving_changed)
+    registry = registry or make_registry(settings, runner)
     queue = GenerationQueue(store, registry, queue_config(settings), db=adb)
     await queue.start(recover=recover, load_backlog=load_backlog)
     config = ConfigStore(db, commands=KNOWN_COMMANDS)
@@ -135,7 +164,13 @@ async def build_services(settings: Settings, *, recover: bool = True, load_backl
         zone = await adb.run(config.effective, "timezone", guild, None, {"timezone": "UTC"}) if guild else None
         return str(zone or "UTC")
 
+    async def community_quote(guild: str | None) -> str | None:
+        return await adb.run(community.random_approved_text, guild) if guild else None
+
     schedules = ScheduledPoster(SqliteScheduleStore(db), queue, _UnsetPoster(), db=adb, **poster_options(settings),
-                                timezone_for=timezone_for)
+                                timezone_for=timezone_for, quote_provider=community_quote)
+    trainer = NightlyTrainer(community, queue, db=adb, timezone_for=timezone_for,
+                             on_serving_changed=on_serving_changed)
     return Services(settings, db, adb, store, registry, queue, config, PersonaStore(db), SafetyStore(db),
-                    ConversationStore(db), RuleCache(), schedules)
+                    ConversationStore(db), RuleCache(), schedules, community, adapters, trainer,
+                    CaptureBuffer(community, adb))

@@ -73,6 +73,8 @@ class QueueConfig:
     #: How long a batching lane waits for companions of a job that arrives alone (a burst of
     #: requests rarely lands in the same loop iteration).
     batch_window_s: float = 0.05
+    #: Per-lane timeouts overriding job_timeout_s (training runs far longer than a chat answer).
+    lane_timeouts: dict[str, float] = field(default_factory=lambda: {"training": 3600.0})
 
 
 @dataclass
@@ -354,7 +356,8 @@ class GenerationQueue:
             lane.running[record.id] = request
             self._positions[record.id] = 0
             self._emit(JobEvent(record.id, "started", position=0))
-        timers = [loop.call_later(self.config.job_timeout_s, self._time_out, r) for r in requests]
+        timeout = self._timeout(lane.kind)
+        timers = [loop.call_later(timeout, self._time_out, r) for r in requests]
         watcher = asyncio.create_task(self._heartbeat(requests))
         model = records[0].model
         try:
@@ -394,7 +397,7 @@ class GenerationQueue:
             return
         if job_id in self._timed_out:
             self._timed_out.discard(job_id)
-            await self._fail(job_id, f"timed out after {self.config.job_timeout_s:g} s")
+            await self._fail(job_id, f"timed out after {self._timeout(record.kind):g} s")
         elif request.cancel_event.is_set() or (result is not None and result.cancelled) or error == "cancelled":
             await self._fail(job_id, "cancelled", status="cancelled")
         elif result is None:
@@ -426,6 +429,9 @@ class GenerationQueue:
             artifacts.append(Artifact(path=str(path), mime=output.mime, size=len(output.data),
                                       sha256=hashlib.sha256(output.data).hexdigest()))
         return artifacts
+
+    def _timeout(self, kind: str) -> float:
+        return self.config.lane_timeouts.get(kind, self.config.job_timeout_s)
 
     def _time_out(self, request: Request) -> None:
         self._timed_out.add(request.job_id)
