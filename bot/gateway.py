@@ -9,12 +9,14 @@ the bot token instead.
 
 Who moderates is decided per server: Manage Server, or the server's `moderator_role`
 setting (else DISCORD_MODERATOR_ROLE). The bot also posts scheduled content and mod-log
-notes (`bot.discord_poster`), and starts the scheduled posts once connected.
+notes (`bot.discord_poster`), and once connected starts the scheduled posts, community
+capture and the nightly trainer (`bot.cogs.community`).
 
 Intents: the defaults (no privileged ones) unless DISCORD_MESSAGE_CONTENT is set. Replies to
 the bot's answers continue a conversation (`bot.cogs.conversation`); without the Message
 Content intent Discord only sends their text when the reply @mentions the bot, which is
-the reply's default.
+the reply's default. Community capture needs the intent too: without it captured texts
+are empty and dropped (`bot.cogs.community`).
 """
 
 from __future__ import annotations
@@ -113,7 +115,6 @@ class InteractionResponder:
 
     async def accepted(self, record: JobRecord) -> None:
         self.job_id = record.id
-        self.bot.followed.add(record.id)
 
     async def progress(self, text: str) -> None:
         self.throttle.update(progress_text(text))
@@ -185,9 +186,8 @@ class AigcBot(ext_commands.Bot):
         schedules.names = self.poster.names
         schedules.modlog = self.modlog
         self._starting_schedules: asyncio.Task[None] | None = None
-        #: Jobs an interaction in this process is showing; others (recovered after a restart)
-        #: are delivered to their channel when they finish.
-        self.followed: set[int] = set()
+        # Jobs nobody in this process follows (accepted before a restart) are delivered to
+        # their channel when they finish.
         self._deliveries: set[asyncio.Task[None]] = set()
         services.queue.add_listener(self._on_job_event)
 
@@ -195,8 +195,7 @@ class AigcBot(ext_commands.Bot):
         record = event.record
         if event.type != "finished" or record is None:
             return
-        if record.id in self.followed:
-            self.followed.discard(record.id)
+        if self.services.queue.is_watched(record.id):
             return
         if record.source == "discord" and record.status == "succeeded" and record.channel:
             task = asyncio.create_task(self._deliver_orphan(record))
@@ -226,8 +225,17 @@ class AigcBot(ext_commands.Bot):
 
     async def on_ready(self) -> None:
         if self._starting_schedules is None:  # once: READY after a reconnect changes nothing
-            self._starting_schedules = asyncio.create_task(self.services.schedules.start())
+            self._starting_schedules = asyncio.create_task(self._start_background())
         await self._starting_schedules
+
+    async def _start_background(self) -> None:
+        """Community capture, the scheduled posts and the nightly trainer (see `close`)."""
+        await self.services.capture.start()
+        await self.services.schedules.start()
+        try:
+            await self.services.trainer.start()
+        except Exception:  # nightly training is optional; commands and posts still work
+            log.exception("could not start the nightly trainer")
 
     async def close(self) -> None:
         starting = self._starting_schedules
@@ -236,6 +244,8 @@ class AigcBot(ext_commands.Bot):
             with contextlib.suppress(asyncio.CancelledError):
                 await starting
         await self.services.schedules.stop()  # no scheduled post may outlive the connection
+        await self.services.trainer.stop()
+        await self.services.capture.stop()  # writes what is still buffered
         await super().close()
 
     async def setup_hook(self) -> None:

@@ -224,6 +224,10 @@ class GenerationQueue:
 
         return unsubscribe
 
+    def is_watched(self, job_id: int) -> bool:
+        """Whether someone in this process follows the job (else, e.g. after a restart, nobody does)."""
+        return bool(self._listeners.get(job_id))
+
     def add_listener(self, listener: Listener) -> None:
         """Hear every job's events (e.g. to deliver results of jobs recovered after a restart)."""
         self._global.append(listener)
