@@ -122,7 +122,8 @@ class InteractionResponder:
     async def result(self, record: JobRecord) -> None:
         await self.throttle.close()
         rendered = render_result(record, self.attachment_limit)
-        view = self.bot.job_view(record.id, running=False)
+        view = self.bot.job_view(record.id, running=False,
+                                 speak=record.kind == "text" and self.bot.services.registry.available("audio"))
         if self.token_expired():
             await self._post_to_channel(record, rendered.content, rendered.files, rendered.followups)
             return
@@ -266,10 +267,10 @@ class AigcBot(ext_commands.Bot):
             synced = await self.tree.sync()
             log.info("synced %d global commands", len(synced))
 
-    def job_view(self, job_id: int | None, running: bool) -> discord.ui.View | None:
+    def job_view(self, job_id: int | None, running: bool, speak: bool = False) -> discord.ui.View | None:
         from bot.cogs.generation import job_view
 
-        return job_view(job_id, running) if job_id else None
+        return job_view(job_id, running, speak) if job_id else None
 
     async def on_app_command_error(self, interaction: discord.Interaction,
                                    error: app_commands.AppCommandError) -> None:

@@ -19,6 +19,8 @@ CANCEL_ID = "aigc:cancel:{job}"
 REGENERATE_ID = "aigc:regen:{job}"
 CANCEL_PATTERN = r"aigc:cancel:(?P<job>[0-9]+)"
 REGENERATE_PATTERN = r"aigc:regen:(?P<job>[0-9]+)"
+SPEAK_ID = "aigc:speak:{job}"
+SPEAK_PATTERN = r"aigc:speak:(?P<job>[0-9]+)"
 
 
 @dataclass

@@ -47,18 +47,38 @@ async def test_chat_is_deferred_streamed_and_answered(fake_discord: FakeDiscord,
 
 
 @pytest.mark.asyncio
-async def test_real_tiny_model_answers_through_discord(fake_discord: FakeDiscord, make_bot: Any) -> None:
+async def test_real_tiny_model_answers_through_discord_and_speak_reads_it(fake_discord: FakeDiscord,
+                                                                         make_bot: Any) -> None:
     fake = fake_discord
     bot, services = await make_bot(None, max_new_tokens=24)
     async with running_client(bot, fake):
         interaction = await fake.dispatch_interaction(
             fake.slash_command("chat", {"prompt": "hi", "temperature": 0.0, "max_tokens": 24}))
         final = await fake.wait_until(
-            lambda: (m := fake.original_response(interaction)) and m.custom_ids() == ["aigc:regen:1"] and m,
+            lambda: (m := fake.original_response(interaction)) and "aigc:regen:1" in m.custom_ids() and m,
             timeout=30)
+        assert final.custom_ids() == ["aigc:regen:1", "aigc:speak:1"]  # the bot has a voice: Speak is offered
+        spoken = await fake.dispatch_interaction(fake.component_click("aigc:speak:1", message=final))
+        voice = await fake.wait_until(
+            lambda: (m := fake.original_response(spoken)) and m.attachments and m, timeout=30)
     record = await services.queue.get(1)
     assert record.params["max_new_tokens"] == 24 and record.params["temperature"] == 0.0
     assert final.content == record.result["text"]
+    [attachment] = voice.attachments
+    audio = await services.queue.get(2)
+    assert audio.kind == "audio" and audio.prompt == record.result["text"]
+    assert attachment.filename == "speech.ogg" and attachment.data[:4] == b"OggS"
+
+
+@pytest.mark.asyncio
+async def test_music_without_a_model_is_not_available(fake_discord: FakeDiscord, make_bot: Any) -> None:
+    fake = fake_discord
+    bot, services = await make_bot({"text": ScriptedGenerator()})
+    async with running_client(bot, fake):
+        interaction = await fake.dispatch_interaction(fake.slash_command("music", {"prompt": "calm piano"}))
+        [reply] = await fake.wait_until(lambda: fake.callbacks(interaction), timeout=5)
+    assert reply["data"]["flags"] & 64 and "not available" in reply["data"]["content"]
+    assert services.store.list_jobs() == []
 
 
 @pytest.mark.asyncio

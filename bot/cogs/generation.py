@@ -17,17 +17,20 @@ from discord.ext import commands as ext_commands
 from bot import chat as chat_flow
 from bot.cogs.moderation import persona_choices
 from bot.gateway import InteractionResponder, invocation, moderates
-from bot.render import CANCEL_ID, CANCEL_PATTERN, REGENERATE_ID, REGENERATE_PATTERN
+from bot.render import CANCEL_ID, CANCEL_PATTERN, REGENERATE_ID, REGENERATE_PATTERN, SPEAK_ID, SPEAK_PATTERN
 from storage.jobs import JobNotFound
 
 if TYPE_CHECKING:
     from bot.gateway import AigcBot
 
 
-def job_view(job_id: int, running: bool) -> discord.ui.View:
-    """Buttons under a job's message: Cancel while it runs, Regenerate once it is done."""
+def job_view(job_id: int, running: bool, speak: bool = False) -> discord.ui.View:
+    """Buttons under a job's message: Cancel while it runs, Regenerate once it is done, and
+    Speak under a finished text answer when the bot has a voice."""
     view = discord.ui.View(timeout=None)
     view.add_item(CancelButton(job_id) if running else RegenerateButton(job_id))
+    if speak and not running:
+        view.add_item(SpeakButton(job_id))
     return view
 
 
@@ -94,6 +97,18 @@ class GenerationCog(ext_commands.Cog, name="Generation"):
     async def speak(self, interaction: discord.Interaction, text: app_commands.Range[str, 1, 1000],
                     voice: str | None = None, speed: app_commands.Range[float, 0.5, 2.0] | None = None) -> None:
         await run_generation(interaction, "audio", text, _drop_none(voice=voice, speed=speed))
+
+    @app_commands.command(name="music", description="Generate a short piece of music")
+    @app_commands.describe(prompt="Describe the music", seconds="Length in seconds (1–30)")
+    async def music(self, interaction: discord.Interaction, prompt: app_commands.Range[str, 1, 500],
+                    seconds: app_commands.Range[int, 1, 30] | None = None) -> None:
+        model = self.bot.settings.music_model
+        if not model:
+            await interaction.response.send_message(
+                "Music generation is not available on this bot: no music model is configured "
+                "(AIGC_MUSIC_MODEL, e.g. a MusicGen model).", ephemeral=True)
+            return
+        await run_generation(interaction, "audio", prompt, _drop_none(task="music", seconds=seconds), model)
 
     @speak.autocomplete("voice")
     async def voice_autocomplete(self, interaction: discord.Interaction, current: str
@@ -170,6 +185,33 @@ class RegenerateButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=
         replaces = str(interaction.message.id) if interaction.message else None
         await chat_flow.regenerate(inv, responder, bot.services, record, replaces=replaces, answer_message_id=answer_id,
                                    modlog=bot.modlog, bot_id=str(bot.user.id) if bot.user else "bot")
+
+
+class SpeakButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=SPEAK_PATTERN):
+    """Read a text answer aloud with the bot's voice, as a new audio job."""
+
+    def __init__(self, job_id: int) -> None:
+        super().__init__(discord.ui.Button(label="Speak", style=discord.ButtonStyle.secondary,
+                                           custom_id=SPEAK_ID.format(job=job_id)))
+        self.job_id = job_id
+
+    @classmethod
+    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button[Any],
+                             match: re.Match[str]) -> SpeakButton:
+        return cls(int(match["job"]))
+
+    async def callback(self, interaction: discord.Interaction) -> None:
+        bot: AigcBot = interaction.client  # type: ignore[assignment]
+        try:
+            record = await bot.services.queue.get(self.job_id)
+        except JobNotFound:
+            await interaction.response.send_message(f"Job {self.job_id} no longer exists.", ephemeral=True)
+            return
+        text = ((record.result or {}).get("text") or "").strip()
+        if record.kind != "text" or not text:
+            await interaction.response.send_message("There is no text answer to read aloud.", ephemeral=True)
+            return
+        await run_generation(interaction, "audio", text[:1000], {})
 
 
 def _drop_none(**values: Any) -> dict[str, Any]:
