@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -169,8 +170,19 @@ async def build_services(settings: Settings, *, recover: bool = True, load_backl
 
     schedules = ScheduledPoster(SqliteScheduleStore(db), queue, _UnsetPoster(), db=adb, **poster_options(settings),
                                 timezone_for=timezone_for, quote_provider=community_quote)
-    trainer = NightlyTrainer(community, queue, db=adb, timezone_for=timezone_for,
-                             on_serving_changed=on_serving_changed)
+    def zone_now(guild: str | None) -> str:
+        """The trainer asks synchronously (on the loop, rarely): read through a read-only
+        connection of our own instead of borrowing the database thread's."""
+        if not guild:
+            return "UTC"
+        conn = sqlite3.connect(f"file:{settings.db_file}?mode=ro", uri=True, timeout=5)
+        try:
+            zone = ConfigStore(sqlite_utils.Database(conn)).effective("timezone", guild, None, {"timezone": "UTC"})
+        finally:
+            conn.close()
+        return str(zone or "UTC")
+
+    trainer = NightlyTrainer(community, queue, db=adb, timezone_for=zone_now, on_serving_changed=on_serving_changed)
     return Services(settings, db, adb, store, registry, queue, config, PersonaStore(db), SafetyStore(db),
                     ConversationStore(db), RuleCache(), schedules, community, adapters, trainer,
                     CaptureBuffer(community, adb))

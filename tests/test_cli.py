@@ -108,8 +108,11 @@ def test_job_killed_mid_run_is_finished_after_restart(bot_env: Path) -> None:
     child.stdin.flush()  # stdin stays open: the console keeps running
     deadline = time.time() + 90
     while time.time() < deadline:
-        if db.exists() and any(r[1] == "running" for r in _jobs(db)):
-            break
+        try:
+            if db.exists() and any(r[1] == "running" for r in _jobs(db)):
+                break
+        except sqlite3.OperationalError:
+            pass  # the child is still creating the schema
         time.sleep(0.1)
     else:
         child.kill()

@@ -9,8 +9,9 @@ if TYPE_CHECKING:
 
 
 async def setup_cogs(bot: AigcBot) -> None:
+    from bot.cogs.community import CommunityCog, CurateButton
     from bot.cogs.conversation import ConversationCog
-    from bot.cogs.generation import CancelButton, GenerationCog, RegenerateButton
+    from bot.cogs.generation import CancelButton, GenerationCog, RegenerateButton, SpeakButton
     from bot.cogs.jobs import JobsCog
     from bot.cogs.moderation import ModerationCog
     from bot.cogs.schedule import ScheduleCog
@@ -20,4 +21,5 @@ async def setup_cogs(bot: AigcBot) -> None:
     await bot.add_cog(JobsCog(bot))
     await bot.add_cog(ModerationCog(bot))
     await bot.add_cog(ScheduleCog(bot))
-    bot.add_dynamic_items(CancelButton, RegenerateButton)
+    await bot.add_cog(CommunityCog(bot))
+    bot.add_dynamic_items(CancelButton, RegenerateButton, SpeakButton, CurateButton)
