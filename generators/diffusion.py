@@ -1,0 +1,264 @@
+"""Text-to-image with Hugging Face diffusers: any pipeline on the Hub or in a local folder.
+
+This is the backend for GPU owners (it runs on the CPU too, slowly). It needs the optional
+extra: ``pip install 'aigc-bot[diffusion]'``; diffusers is imported only when a model
+loads, so the bot runs without it. Options:
+
+* ``quantize_4bit``: load the denoiser (the UNet or the transformer, which holds most of
+  the weights) in bitsandbytes 4-bit NF4 through diffusers' ``PipelineQuantizationConfig``;
+  needs CUDA and ``pip install 'aigc-bot[cuda]'``. Roughly quarters its memory.
+* ``cpu_offload``: ``enable_model_cpu_offload()``: each component moves to the GPU only
+  while it runs, for cards too small to hold the whole pipeline.
+
+Per-step progress comes from ``callback_on_step_end``; a cancelled request raises
+:class:`~generators.base.Cancelled` from that callback, which stops the denoising loop
+at once (no wasted decode). The seed drives a CPU ``torch.Generator`` so a seed gives the
+same latents on any device.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.util
+import inspect
+import time
+from typing import Any
+
+import torch
+
+from generators.base import Cancelled, Generator, GeneratorError, Output, Request, Result
+from generators.image_post import check_seed, encode_png, grid, pick_seed
+
+INSTALL_HINT = "the diffusion backend needs diffusers: pip install 'aigc-bot[diffusion]'"
+PARAMS = ("count", "steps", "guidance", "width", "height", "negative_prompt", "seed")
+MAX_COUNT = 4
+MAX_STEPS = 150
+MIN_SIDE = 64
+
+
+def _diffusers() -> Any:
+    """Import diffusers on first use, with an actionable error when the extra is missing."""
+    try:
+        import diffusers
+    except ImportError as e:
+        raise GeneratorError(INSTALL_HINT) from e
+    return diffusers
+
+
+class DiffusionGenerator(Generator):
+    """A diffusers text-to-image pipeline as a :class:`~generators.base.Generator`.
+
+    ``model_id`` is a Hub id (``stabilityai/sd-turbo``) or a local folder saved with
+    ``save_pretrained``; ``steps`` and ``guidance`` are defaults a request may override.
+    ``local_files_only`` forbids downloads (use the folder or the Hugging Face cache).
+    """
+
+    kind = "image"
+    max_batch_size = 1
+
+    def __init__(
+        self,
+        model_id: str,
+        device: str = "cpu",
+        quantize_4bit: bool = False,
+        cpu_offload: bool = False,
+        steps: int = 30,
+        guidance: float = 7.0,
+        max_side: int = 1024,
+        local_files_only: bool = False,
+    ) -> None:
+        if not model_id.strip():
+            raise GeneratorError("no diffusion model id given")
+        if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+            raise GeneratorError(f"device must be 'cpu' or 'cuda', not {device!r}")
+        self.model_id = model_id
+        self.device = device
+        self.quantize_4bit = quantize_4bit
+        self.cpu_offload = cpu_offload
+        self.steps = steps
+        self.guidance = guidance
+        self.max_side = max_side
+        self.local_files_only = local_files_only
+        self.pipe: Any = None
+
+    # --- validation --------------------------------------------------------------------
+
+    def check(self, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(params) - set(PARAMS))
+        if unknown:
+            raise GeneratorError(f"unknown option(s) {', '.join(unknown)}; use {', '.join(PARAMS)}")
+        if not prompt.strip():
+            raise GeneratorError("the prompt is empty: describe the picture")
+        out: dict[str, Any] = {
+            "count": _whole(params.get("count", 1), "count", 1, MAX_COUNT),
+            "steps": _whole(params.get("steps", self.steps), "steps", 1, MAX_STEPS),
+        }
+        guidance = params.get("guidance", self.guidance)
+        if isinstance(guidance, bool) or not isinstance(guidance, int | float) or not 0 <= guidance <= 30:
+            raise GeneratorError("guidance must be a number from 0 to 30")
+        out["guidance"] = float(guidance)
+        for side in ("width", "height"):
+            if params.get(side) is not None:
+                value = _whole(params[side], side, MIN_SIDE, self.max_side)
+                if value % 8:
+                    raise GeneratorError(f"{side} must be a multiple of 8")
+                out[side] = value
+        try:
+            out["seed"] = check_seed(params.get("seed"))
+        except ValueError as e:
+            raise GeneratorError(str(e)) from None
+        negative = params.get("negative_prompt")
+        if negative is not None:
+            if not isinstance(negative, str):
+                raise GeneratorError("negative_prompt must be text")
+            out["negative_prompt"] = negative
+        return out
+
+    # --- weights -------------------------------------------------------------------------
+
+    def _dtype(self) -> torch.dtype:
+        if not self.device.startswith("cuda"):
+            return torch.float32  # CPU half precision is slow or unsupported for many ops
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+    def _quantization_config(self, diffusers: Any, dtype: torch.dtype) -> Any:
+        """NF4 4-bit for the denoiser only: it holds most weights and tolerates it well."""
+        if not (self.device.startswith("cuda") and torch.cuda.is_available()):
+            raise GeneratorError("4-bit quantization needs a CUDA GPU (device='cuda')")
+        if importlib.util.find_spec("bitsandbytes") is None:
+            raise GeneratorError("4-bit quantization needs bitsandbytes: pip install 'aigc-bot[cuda]'")
+        index = diffusers.DiffusionPipeline.load_config(self.model_id, local_files_only=self.local_files_only)
+        denoiser = "transformer" if "transformer" in index else "unet"
+        return diffusers.PipelineQuantizationConfig(
+            quant_backend="bitsandbytes_4bit",
+            quant_kwargs={
+                "load_in_4bit": True,
+                "bnb_4bit_quant_type": "nf4",
+                "bnb_4bit_compute_dtype": dtype,
+            },
+            components_to_quantize=[denoiser],
+        )
+
+    def load(self) -> None:
+        diffusers = _diffusers()
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise GeneratorError("device 'cuda' was asked for but no CUDA GPU is available")
+        if self.cpu_offload and not self.device.startswith("cuda"):
+            raise GeneratorError("cpu_offload only makes sense with device='cuda'")
+        dtype = self._dtype()
+        kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": self.local_files_only}
+        if self.quantize_4bit:
+            kwargs["quantization_config"] = self._quantization_config(diffusers, dtype)
+        try:
+            try:
+                pipe = diffusers.AutoPipelineForText2Image.from_pretrained(self.model_id, **kwargs)
+            except ValueError:
+                # Pipelines unknown to the auto mapping still load by their model_index.json.
+                pipe = diffusers.DiffusionPipeline.from_pretrained(self.model_id, **kwargs)
+        except Exception as e:  # hub, file and config errors alike: the user needs the message
+            raise GeneratorError(f"cannot load diffusion model {self.model_id!r}: {e}") from e
+        if self.cpu_offload:
+            pipe.enable_model_cpu_offload(device=self.device)
+        else:
+            pipe.to(self.device)
+        pipe.set_progress_bar_config(disable=True)  # progress goes to on_progress instead
+        self.pipe = pipe
+
+    def unload(self) -> None:
+        self.pipe = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def memory_bytes(self) -> int:
+        if self.pipe is None:
+            return 0
+        total = 0
+        for component in self.pipe.components.values():
+            if isinstance(component, torch.nn.Module):
+                total += sum(t.numel() * t.element_size() for t in component.parameters())
+                total += sum(t.numel() * t.element_size() for t in component.buffers())
+        return total
+
+    # --- generation ----------------------------------------------------------------------
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        if self.pipe is None:
+            self.load()
+        return [self._generate_one(request) for request in requests]
+
+    def _generate_one(self, request: Request) -> Result:
+        started = time.monotonic()
+        params = self.check(request.prompt, request.params)
+        seed = pick_seed(params.get("seed"), request.seed)
+        steps = params["steps"]
+        pipe = self.pipe
+        if request.cancelled():
+            raise Cancelled()
+        request.on_progress(0.0, f"denoising 0/{steps}")
+
+        def on_step_end(pipeline: Any, step: int, timestep: Any, callback_kwargs: dict[str, Any]) -> dict[str, Any]:
+            if request.cancelled():
+                raise Cancelled()  # leaves the denoising loop now; nothing is decoded
+            request.on_progress((step + 1) / (steps + 1), f"denoising {step + 1}/{steps}")
+            return callback_kwargs
+
+        call: dict[str, Any] = {
+            "prompt": request.prompt,
+            "num_inference_steps": steps,
+            "guidance_scale": params["guidance"],
+            "num_images_per_prompt": params["count"],
+            # A CPU generator: the same seed gives the same initial noise on any device.
+            "generator": torch.Generator("cpu").manual_seed(seed),
+        }
+        for key in ("width", "height", "negative_prompt"):
+            if key in params:
+                call[key] = params[key]
+        accepted = inspect.signature(pipe.__call__).parameters
+        if "callback_on_step_end" in accepted:
+            call["callback_on_step_end"] = on_step_end
+        call = {k: v for k, v in call.items() if k in accepted or k == "prompt"}
+        with torch.inference_mode():
+            images = pipe(**call).images
+        if request.cancelled():
+            raise Cancelled()
+        request.on_progress(1.0, "encoding")
+        picture = grid(list(images), columns=2 if len(images) > 1 else 1)
+        png = encode_png(
+            picture,
+            {
+                "Software": "aigc-bot",
+                "model": self.model_id,
+                "seed": seed,
+                "prompt": request.prompt,
+                "steps": steps,
+                "guidance": params["guidance"],
+            },
+        )
+        return Result(
+            outputs=[Output(data=png, mime="image/png", filename=f"diffusion-{seed}.png")],
+            metadata={
+                **params,
+                "model": self.model_id,
+                "seed": seed,
+                "device": self.device,
+                "quantize_4bit": self.quantize_4bit,
+                "width": picture.width,
+                "height": picture.height,
+                "elapsed_s": round(time.monotonic() - started, 3),
+            },
+        )
+
+
+def _whole(value: Any, name: str, low: int, high: int) -> int:
+    if isinstance(value, bool):
+        raise GeneratorError(f"{name} must be a whole number from {low} to {high}")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise GeneratorError(f"{name} must be a whole number from {low} to {high}") from None
+    if number != value and str(number) != str(value).strip():
+        raise GeneratorError(f"{name} must be a whole number from {low} to {high}")
+    if not low <= number <= high:
+        raise GeneratorError(f"{name} must be from {low} to {high}, not {number}")
+    return number
