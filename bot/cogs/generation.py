@@ -18,7 +18,7 @@ from bot import chat as chat_flow
 from bot.cogs.moderation import persona_choices
 from bot.gateway import InteractionResponder, invocation, moderates
 from bot.render import CANCEL_ID, CANCEL_PATTERN, REGENERATE_ID, REGENERATE_PATTERN, SPEAK_ID, SPEAK_PATTERN
-from storage.jobs import JobNotFound
+from storage.jobs import JobNotFound, JobRecord
 
 if TYPE_CHECKING:
     from bot.gateway import AigcBot
@@ -165,10 +165,8 @@ class RegenerateButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=
 
     async def callback(self, interaction: discord.Interaction) -> None:
         bot: AigcBot = interaction.client  # type: ignore[assignment]
-        try:
-            record = await bot.services.queue.get(self.job_id)
-        except JobNotFound:
-            await interaction.response.send_message(f"Job {self.job_id} no longer exists.", ephemeral=True)
+        record = await _job_or_reply(interaction, bot, self.job_id)
+        if record is None:
             return
         guild = str(interaction.guild_id) if interaction.guild_id else None
         if record.requester != str(interaction.user.id) and not await moderates(bot.services, interaction.user, guild):
@@ -202,16 +200,23 @@ class SpeakButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=SPEAK
 
     async def callback(self, interaction: discord.Interaction) -> None:
         bot: AigcBot = interaction.client  # type: ignore[assignment]
-        try:
-            record = await bot.services.queue.get(self.job_id)
-        except JobNotFound:
-            await interaction.response.send_message(f"Job {self.job_id} no longer exists.", ephemeral=True)
+        record = await _job_or_reply(interaction, bot, self.job_id)
+        if record is None:
             return
         text = ((record.result or {}).get("text") or "").strip()
         if record.kind != "text" or not text:
             await interaction.response.send_message("There is no text answer to read aloud.", ephemeral=True)
             return
         await run_generation(interaction, "audio", text[:1000], {})
+
+
+async def _job_or_reply(interaction: discord.Interaction, bot: AigcBot, job_id: int) -> JobRecord | None:
+    """The job a button belongs to, or None after telling the presser it is gone."""
+    try:
+        return await bot.services.queue.get(job_id)
+    except JobNotFound:
+        await interaction.response.send_message(f"Job {job_id} no longer exists.", ephemeral=True)
+        return None
 
 
 def _drop_none(**values: Any) -> dict[str, Any]:
