@@ -6,15 +6,27 @@ import io
 import json
 import string
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from generators.base import Cancelled, GeneratorError, Request
 from generators.image_post import png_metadata
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread for these tiny models: on a shared 2-core machine, OpenMP threads
+    spinning against another busy process made them 10-20x slower; alone it costs little."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def _tiny_tokenizer(folder: Path):

@@ -6,6 +6,7 @@ import importlib.util
 import io
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,16 @@ from generators.image_train import model_header, train_image_model
 
 SHIPPED = ("digits", "digits-vae", "fashion", "fashion-vae")
 face_installed = importlib.util.find_spec("gan_face_generate") is not None
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread for these tiny models: on a shared 2-core machine, OpenMP threads
+    spinning against another busy process made them 10-20x slower; alone it costs little."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,16 @@ from generators.image_train import (
 from generators.vae import ConvVAE, VAEConfig, vae_loss
 
 TINY_GAN = {"nz": 16, "ngf": 8, "ndf": 8}
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """One intra-op thread for these tiny models: on a shared 2-core machine, OpenMP threads
+    spinning against another busy process made them 10-20x slower; alone it costs little."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
