@@ -114,6 +114,12 @@ def section_quality(args: argparse.Namespace) -> dict[str, Any]:
                 model = copy.deepcopy(reference).to(torch.bfloat16)
             elif mode == "none":
                 model = reference
+            elif mode.startswith("bnb-"):  # bitsandbytes quantizes while loading
+                from transformers import AutoModelForCausalLM
+
+                quantization.choose_mode(mode, "cpu")  # raises if bitsandbytes is missing
+                model = AutoModelForCausalLM.from_pretrained(reference.name_or_path,
+                                                             **quantization.load_kwargs(mode, "cpu"))
             else:
                 model = quantization.apply_after_load(copy.deepcopy(reference), mode, "cpu")
         except Exception as exc:  # e.g. bitsandbytes missing
