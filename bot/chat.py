@@ -117,8 +117,9 @@ async def chat(inv: Invocation, responder: Responder, services: Services, prompt
         return None
     # A persona chosen by name stays with the conversation: a reply to this answer uses it too.
     delivery = {"persona": context.persona.name} if context.persona.source == "option" else None
-    record, answer = await _answer(inv, responder, services, prompt, context.job_params(options), model, delivery,
-                                   modlog)
+    # The server's promoted LoRA adapter, if any, answers; one base model serves every server.
+    params = {**context.job_params(options), **services.adapters.params_for(inv.guild_id)}
+    record, answer = await _answer(inv, responder, services, prompt, params, model, delivery, modlog)
     answer_id = await _answer_id(record, answer, answer_message_id)
     if record is None or answer is None or answer_id is None:
         return record

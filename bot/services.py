@@ -170,6 +170,7 @@ async def build_services(settings: Settings, *, recover: bool = True, load_backl
 
     schedules = ScheduledPoster(SqliteScheduleStore(db), queue, _UnsetPoster(), db=adb, **poster_options(settings),
                                 timezone_for=timezone_for, quote_provider=community_quote)
+
     def zone_now(guild: str | None) -> str:
         """The trainer asks synchronously (on the loop, rarely): read through a read-only
         connection of our own instead of borrowing the database thread's."""
