@@ -150,8 +150,10 @@ class TextGenerator(Generator):
             model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
         except (OSError, ValueError) as exc:
             raise GeneratorError(f"cannot load model {self.model_name!r}: {exc}") from None
-        if gguf and source.packaged and self.cache_dir is not None:
-            self._save_converted(source, model, tokenizer)
+        if gguf:
+            _drop_gguf_marker(model)
+            if source.packaged and self.cache_dir is not None:
+                self._save_converted(source, model, tokenizer)
         model = quantization.apply_after_load(model, self.mode, self.device)
         model.eval()
         tokenizer.padding_side = "left"  # decoder-only: new tokens line up on the right
@@ -184,10 +186,6 @@ class TextGenerator(Generator):
             return
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
-        # The weights are plain de-quantized tensors now; drop the GGUF marker so they save.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
         try:
             model.save_pretrained(partial)
             tokenizer.save_pretrained(partial)
@@ -256,6 +254,15 @@ class TextGenerator(Generator):
                           "batch_size": len(requests)},
             ))
         return results
+
+
+def _drop_gguf_marker(model: Any) -> None:
+    """transformers de-quantizes GGUF weights into plain tensors but still flags the model as
+    quantized, which forbids saving it and casting it (.float(), .to(bf16)): drop the flag."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
 
 
 def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: Any) -> list[int]:
