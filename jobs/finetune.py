@@ -42,13 +42,13 @@ from zoneinfo import ZoneInfo
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
-from apscheduler.triggers.interval import IntervalTrigger
 
 from generators.adapters import GuildAdapters
 from generators.base import Cancelled, Generator, GeneratorError, Request, Result
 from generators.finetune_gate import GateConfig, GateDecision, decide
 from generators.finetune_image import ImageTuneConfig, finetune_image
 from generators.finetune_text import TextTuneConfig, finetune_text, held_out_split
+from jobs.live_scheduler import keep_in_sync, new_scheduler
 from storage.community import CommunityStore, Snapshot, Version
 from storage.database import AsyncDatabase
 from storage.jobs import JobRecord, NewJob
@@ -435,11 +435,9 @@ class NightlyTrainer:
         """Rebuild the cron jobs from the table, catch up a missed night, keep in sync."""
         if self._scheduler is not None:
             return
-        self._scheduler = AsyncIOScheduler(timezone=UTC)  # made here: it binds to the running loop
-        self._scheduler.start()
+        self._scheduler = new_scheduler()
         await self.sync()
-        self._scheduler.add_job(self.sync, IntervalTrigger(seconds=self.sync_s), id=SYNC_JOB,
-                                coalesce=True, max_instances=1, misfire_grace_time=None)
+        keep_in_sync(self._scheduler, self.sync, self.sync_s, SYNC_JOB)
 
     async def stop(self) -> None:
         if self._scheduler is not None:

@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
-from apscheduler.triggers.interval import IntervalTrigger
 
 from generators.base import GeneratorError
 from generators.queue import GenerationQueue, QueueError
 from generators.registry import ModelRegistry
+from jobs.live_scheduler import keep_in_sync, new_scheduler
 from jobs.schedule_spec import (
     VARIABLES,
     ScheduleError,
@@ -512,11 +512,9 @@ class ScheduledPoster:
         """Catch up on slots missed while down (coalesced), then fire on time from now on."""
         if self._scheduler is not None:
             return
-        self._scheduler = AsyncIOScheduler(timezone=UTC)  # made here: it binds to the running loop
-        self._scheduler.start()
+        self._scheduler = new_scheduler()
         await self.sync()
-        self._scheduler.add_job(self.sync, IntervalTrigger(seconds=self.sync_s), id=SYNC_JOB,
-                                coalesce=True, max_instances=1, misfire_grace_time=None)
+        keep_in_sync(self._scheduler, self.sync, self.sync_s, SYNC_JOB)
 
     async def stop(self) -> None:
         """Stop firing; posts in progress are cancelled (their slots are already spent)."""
