@@ -120,18 +120,31 @@ class GenerationCog(ext_commands.Cog, name="Generation"):
         return [app_commands.Choice(name=v, value=v) for v in voices if current.lower() in v.lower()][:25]
 
 
-class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=CANCEL_PATTERN):
-    """Cancel a job; only its requester or a moderator may press it."""
+class _JobButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=r"aigc:job-button:(?P<job>[0-9]+)"):
+    """A button about one job whose custom id carries the job id, so it works after restarts.
+    Subclasses set the label, style, custom-id format and their own template."""
+
+    LABEL = ""
+    STYLE = discord.ButtonStyle.secondary
+    ID_FORMAT = ""
 
     def __init__(self, job_id: int) -> None:
-        super().__init__(discord.ui.Button(label="Cancel", style=discord.ButtonStyle.danger,
-                                           custom_id=CANCEL_ID.format(job=job_id)))
+        super().__init__(discord.ui.Button(label=self.LABEL, style=self.STYLE,
+                                           custom_id=self.ID_FORMAT.format(job=job_id)))
         self.job_id = job_id
 
     @classmethod
     async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button[Any],
-                             match: re.Match[str]) -> CancelButton:
+                             match: re.Match[str]) -> _JobButton:
         return cls(int(match["job"]))
+
+
+class CancelButton(_JobButton, template=CANCEL_PATTERN):
+    """Cancel a job; only its requester or a moderator may press it."""
+
+    LABEL = "Cancel"
+    STYLE = discord.ButtonStyle.danger
+    ID_FORMAT = CANCEL_ID
 
     async def callback(self, interaction: discord.Interaction) -> None:
         bot: AigcBot = interaction.client  # type: ignore[assignment]
@@ -150,18 +163,12 @@ class CancelButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=CANC
         await interaction.response.send_message(f"Job {self.job_id}: {text}", ephemeral=True)
 
 
-class RegenerateButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=REGENERATE_PATTERN):
+class RegenerateButton(_JobButton, template=REGENERATE_PATTERN):
     """Run the same request again as a new job (a new seed unless one was given)."""
 
-    def __init__(self, job_id: int) -> None:
-        super().__init__(discord.ui.Button(label="Regenerate", style=discord.ButtonStyle.secondary,
-                                           custom_id=REGENERATE_ID.format(job=job_id)))
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button[Any],
-                             match: re.Match[str]) -> RegenerateButton:
-        return cls(int(match["job"]))
+    LABEL = "Regenerate"
+    STYLE = discord.ButtonStyle.secondary
+    ID_FORMAT = REGENERATE_ID
 
     async def callback(self, interaction: discord.Interaction) -> None:
         bot: AigcBot = interaction.client  # type: ignore[assignment]
@@ -185,18 +192,12 @@ class RegenerateButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=
                                    modlog=bot.modlog, bot_id=str(bot.user.id) if bot.user else "bot")
 
 
-class SpeakButton(discord.ui.DynamicItem[discord.ui.Button[Any]], template=SPEAK_PATTERN):
+class SpeakButton(_JobButton, template=SPEAK_PATTERN):
     """Read a text answer aloud with the bot's voice, as a new audio job."""
 
-    def __init__(self, job_id: int) -> None:
-        super().__init__(discord.ui.Button(label="Speak", style=discord.ButtonStyle.secondary,
-                                           custom_id=SPEAK_ID.format(job=job_id)))
-        self.job_id = job_id
-
-    @classmethod
-    async def from_custom_id(cls, interaction: discord.Interaction, item: discord.ui.Button[Any],
-                             match: re.Match[str]) -> SpeakButton:
-        return cls(int(match["job"]))
+    LABEL = "Speak"
+    STYLE = discord.ButtonStyle.secondary
+    ID_FORMAT = SPEAK_ID
 
     async def callback(self, interaction: discord.Interaction) -> None:
         bot: AigcBot = interaction.client  # type: ignore[assignment]
