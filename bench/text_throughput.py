@@ -177,7 +177,8 @@ async def _queue(args: argparse.Namespace) -> dict[str, Any]:
 
     generator = TextGenerator("smollm2", quantization_mode=args.queue_mode, max_new_tokens=args.tokens,
                               max_batch_size=8, cache_dir=ROOT / "data" / "models")
-    generator.load()
+    # Not loaded here: the warm-up job loads it on the lane's thread, as in the bot (torch
+    # work on this main thread would keep an OpenMP team alive that slows the lane's).
     tmp = Path(tempfile.mkdtemp())
     store = SqliteJobStore(open_database(tmp / "bench.sqlite3"))
     registry = ModelRegistry({"text": lambda _n: generator}, {"text": "smollm2"}, budget_bytes=2**34)
@@ -262,15 +263,16 @@ def main() -> None:
     parser.add_argument("--section", choices=list(SECTIONS))
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--users", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--modes", nargs="+", default=["none", "bf16", "int8-dynamic", "bnb-8bit", "bnb-4bit"])
+    parser.add_argument("--modes", nargs="+",
+                        default=["none", "bf16", "fp16-weights", "int8-dynamic", "bnb-8bit", "bnb-4bit"])
     parser.add_argument("--queue-mode", default="auto", help="quantization mode of the queue run")
-    parser.add_argument("--quick", action="store_true", help="16 tokens, modes none and bf16")
+    parser.add_argument("--quick", action="store_true", help="16 tokens, modes none, bf16 and fp16-weights")
     args = parser.parse_args()
     if args.section:
         print(json.dumps(SECTIONS[args.section](args)))
         return
     if args.quick:
-        args.tokens, args.modes = 16, ["none", "bf16"]
+        args.tokens, args.modes = 16, ["none", "bf16", "fp16-weights"]
     print(f"SmolLM2-135M-Instruct, {len(PROMPTS)} prompts, {args.tokens} new tokens, greedy, "
           f"{os.cpu_count()} CPU threads\n")
     quality = run_child("quality", args)

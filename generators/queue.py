@@ -3,11 +3,12 @@
 - A job is written to the store before the caller hears back (``submit``). States:
   queued → running → succeeded | failed | cancelled | expired.
 - One lane per kind of work (text, image, audio, training), each with its own worker task
-  and its own model thread, so a long job in one lane never blocks another.
+  and its own model thread per batch, so a long job in one lane never blocks another.
 - Inside a lane: higher priority first, then round-robin across requesters (each job gets
   a "round": a user's n-th waiting job runs in round n), then arrival order.
 - Compatible waiting jobs (equal ``Generator.batch_key``) run in one ``generate`` call.
-- Model work runs on the lane's thread; its callbacks come back to the loop through
+- Model work runs on a thread started for the batch (see ``run_in_fresh_thread``); its
+  callbacks come back to the loop through
   ``call_soon_threadsafe``. Listeners hear positions, start, progress, partial output and
   the final record.
 - Cancel: a queued job is removed at once; a running one stops cooperatively. Each job has
@@ -18,18 +19,19 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import itertools
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from generators.base import Cancelled, GeneratorError, Output, Request, Result
 from generators.registry import ModelRegistry
@@ -41,6 +43,42 @@ log = logging.getLogger(__name__)
 LANES = ("text", "image", "audio", "training")
 HEARTBEAT_S = 2.0
 LEASE_S = 120.0  # a worker on another host is presumed dead after this long without a heartbeat
+
+
+T = TypeVar("T")
+
+
+def run_in_fresh_thread(name: str, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+    """Run ``fn(*args)`` on a new thread that ends with it; await the returned future.
+
+    Why not a long-lived executor: torch's OpenMP runtime (libgomp) keeps a team of worker
+    threads for every thread that ever ran parallel work, and once the process holds more
+    of them than CPUs it stops spin-waiting between operations, so the many small ops of a
+    decode step run 1.6-1.8x slower (measured here). A thread that exits takes its team
+    with it, so only lanes that are busy right now hold one.
+    """
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[T] = loop.create_future()
+
+    def settle(result: T | None, error: BaseException | None) -> None:
+        if future.done():
+            return  # the awaiting task was cancelled (shutdown)
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)  # type: ignore[arg-type]
+
+    def target() -> None:
+        result, error = None, None
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task, like an executor would
+            error = exc
+        with contextlib.suppress(RuntimeError):  # the loop has closed (shutdown gave up on this batch)
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=target, name=name).start()
+    return future
 
 
 class QueueError(Exception):
@@ -91,7 +129,6 @@ class _Waiting:
 @dataclass
 class _Lane:
     kind: str
-    executor: ThreadPoolExecutor
     waiting: list[_Waiting] = field(default_factory=list)
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     user_round: dict[str, int] = field(default_factory=dict)
@@ -146,7 +183,7 @@ class GenerationQueue:
         """Recover jobs of crashed workers, load the persisted backlog, start the lanes."""
         self._loop = asyncio.get_running_loop()
         for kind in self.config.lanes:
-            self._lanes[kind] = _Lane(kind, ThreadPoolExecutor(1, thread_name_prefix=f"lane-{kind}"))
+            self._lanes[kind] = _Lane(kind)
         if recover:
             requeued, failed = await self._db.run(self.store.recover, self.config.max_attempts, self._is_dead)
             if requeued or failed:
@@ -178,8 +215,6 @@ class GenerationQueue:
             await asyncio.gather(*pending, return_exceptions=True)
             for job_id in stuck:
                 await self._db.run(self.store.requeue, job_id, "interrupted by shutdown; queued again")
-        for lane in self._lanes.values():
-            lane.executor.shutdown(wait=False, cancel_futures=True)
         if self._owns_db:
             self._db.close()
         self._started = False
@@ -365,8 +400,8 @@ class GenerationQueue:
         watcher = asyncio.create_task(self._heartbeat(requests))
         model = records[0].model
         try:
-            results: list[Result] | None = await loop.run_in_executor(
-                lane.executor, self._generate, lane.kind, model, requests)
+            results: list[Result] | None = await run_in_fresh_thread(
+                f"lane-{lane.kind}", self._generate, lane.kind, model, requests)
             error: str | None = None
         except Cancelled:
             results, error = None, "cancelled"

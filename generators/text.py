@@ -200,7 +200,7 @@ class TextGenerator(Generator):
     def memory_bytes(self) -> int:
         if self.model is None:
             return 0
-        return int(self.model.get_memory_footprint())
+        return int(self.model.get_memory_footprint()) + quantization.packed_bytes(self.model)
 
     # --- generation -----------------------------------------------------------------------
     def format_prompt(self, request: Request) -> str:
