@@ -222,10 +222,18 @@ async def _queue(args: argparse.Namespace) -> dict[str, Any]:
 
 def section_cb(args: argparse.Namespace) -> dict[str, Any]:
     """transformers' continuous batching (requests join/leave the running batch every step)
-    against one batched generate() call, same prompts, same model, fp32."""
+    against one batched generate() call, same prompts, same model, fp32.
+
+    The manager runs its own thread, so torch work is kept off this one: a second live OpenMP
+    team would slow both (see ``generators.queue.run_in_fresh_thread``)."""
     from transformers import GenerationConfig
 
-    model, tokenizer = load_reference()
+    from generators.queue import run_in_fresh_thread
+
+    async def on_thread(fn: Any, *fn_args: Any) -> Any:
+        return await run_in_fresh_thread("bench", fn, *fn_args)
+
+    model, tokenizer = asyncio.run(on_thread(load_reference))
     chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
                                            tokenize=False) for p in PROMPTS]
     ids = [tokenizer(c, add_special_tokens=False).input_ids for c in chats]
@@ -238,10 +246,15 @@ def section_cb(args: argparse.Namespace) -> dict[str, Any]:
     cb_tokens = sum(len(o.generated_tokens) for o in outputs.values())
     tokenizer.padding_side = "left"
     batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
-    start = time.perf_counter()
-    out = model.generate(**batch, generation_config=config)
-    static_elapsed = time.perf_counter() - start
-    static_tokens = sum(int((row != tokenizer.pad_token_id).sum()) for row in out[:, batch.input_ids.shape[1]:])
+
+    def static() -> tuple[float, int]:
+        start = time.perf_counter()
+        out = model.generate(**batch, generation_config=config)
+        elapsed = time.perf_counter() - start
+        new = out[:, batch.input_ids.shape[1]:]
+        return elapsed, sum(int((row != tokenizer.pad_token_id).sum()) for row in new)
+
+    static_elapsed, static_tokens = asyncio.run(on_thread(static))
     return {"cb_tok_s": cb_tokens / cb_elapsed, "static_tok_s": static_tokens / static_elapsed}
 
 
