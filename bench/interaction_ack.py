@@ -35,7 +35,7 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,7 +123,8 @@ async def fake_main(args: argparse.Namespace) -> None:
 
             ack_kind = "http-reply"
         outcome = Outcome(args.mode)
-        await burst(fake, send, users, args, outcome, ack_kind)
+        profile = sync_profile(args.profile and f"{args.profile}.fake-{args.mode}")
+        await burst(fake, send, users, args, outcome, ack_kind, profile)
         emit("result", **asdict(outcome))
         await stdin.readline()  # the parent stops the bot first, so it does not see the fake vanish
 
@@ -151,7 +152,8 @@ def ack_times(fake: Any, kind: str) -> dict[str, float]:
 
 
 async def burst(fake: Any, send: Callable[[dict[str, Any]], Awaitable[Any]], users: list[dict[str, Any]],
-                args: argparse.Namespace, outcome: Outcome, ack_kind: str) -> None:
+                args: argparse.Namespace, outcome: Outcome, ack_kind: str,
+                profile: contextlib.AbstractContextManager[None]) -> None:
     """Start the busy job, then fire the burst and follow it to the end."""
     busy = await send(fake.slash_command("chat", {"prompt": BUSY_PROMPT, "max_tokens": args.busy_tokens,
                                                   "temperature": 0.0}, user=users[0]))
@@ -167,9 +169,10 @@ async def burst(fake: Any, send: Callable[[dict[str, Any]], Awaitable[Any]], use
                 for i in range(args.count)]
     emit("burst")
     started = time.monotonic()
-    interactions = list(await asyncio.gather(*(send(p) for p in payloads)))
-    ids = {i.id for i in interactions}
-    await poll(lambda: ids <= ack_times(fake, ack_kind).keys(), timeout=10, every=0.05)
+    with profile:
+        interactions = list(await asyncio.gather(*(send(p) for p in payloads)))
+        ids = {i.id for i in interactions}
+        await poll(lambda: ids <= ack_times(fake, ack_kind).keys(), timeout=10, every=0.05)
     emit("acked")
     acked = ack_times(fake, ack_kind)
     for interaction in interactions:
@@ -208,6 +211,23 @@ async def lag_probe(samples: list[float], interval: float = 0.01) -> AsyncIterat
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+@contextlib.contextmanager
+def sync_profile(path: str | None) -> Iterator[None]:
+    """cProfile of this thread (the event loop's) meanwhile, saved to ``path`` (pstats)."""
+    if not path:
+        yield
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        yield
+    finally:
+        profiler.disable()
+        profiler.dump_stats(path)
 
 
 @contextlib.asynccontextmanager
@@ -265,7 +285,8 @@ async def run_mode(mode: str, args: argparse.Namespace, data: Path) -> Outcome:
 
     argv = [sys.executable, str(SCRIPT), "--role", "fake", "--mode", mode, "--count", str(args.count),
             "--users", str(args.users), "--max-tokens", str(args.max_tokens), "--busy-tokens", str(args.busy_tokens),
-            "--timeout", str(args.timeout)] + (["--validate"] if args.validate else [])
+            "--timeout", str(args.timeout)] + (["--validate"] if args.validate else []) + (
+                ["--profile", args.profile] if args.profile else [])
     child = await asyncio.create_subprocess_exec(*argv, stdin=asyncio.subprocess.PIPE,
                                                  stdout=asyncio.subprocess.PIPE)
     assert child.stdout is not None and child.stdin is not None
@@ -289,8 +310,9 @@ async def run_mode(mode: str, args: argparse.Namespace, data: Path) -> Outcome:
             event = await read_event()
             assert event["event"] == "burst", event
             async with lag_probe(lag):
-                event = await read_event()
-                assert event["event"] == "acked", event
+                with sync_profile(args.profile and f"{args.profile}.{mode}"):
+                    event = await read_event()
+                    assert event["event"] == "acked", event
             event = await read_event()
         child.stdin.write(b"bye\n")
         await child.stdin.drain()
@@ -347,6 +369,7 @@ def main() -> None:
     parser.add_argument("--busy-tokens", type=int, default=256, help="length of the generation keeping the model busy")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for every answer")
     parser.add_argument("--validate", action="store_true", help="let the fake validate every request (slower)")
+    parser.add_argument("--profile", metavar="FILE", help="save a cProfile of the bot's loop during the burst")
     parser.add_argument("--role", choices=["bot", "fake"], default="bot", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["gateway", "http"], help=argparse.SUPPRESS)
     args = parser.parse_args()

@@ -9,6 +9,7 @@ errors — happens here once.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -33,6 +34,8 @@ Reply to one of the bot's /chat answers to continue that conversation.
 Moderators: /config, /persona, /blocklist, /schedule (and /community, /curate, /retrain, /model)."""
 
 KIND_LABEL = {"text": "chat", "image": "image", "audio": "speech"}
+POSITION_NEAR = 5  # queue positions up to this one are shown as they change
+POSITION_EVERY_S = 5.0  # farther ones at most this often
 
 
 @dataclass
@@ -98,9 +101,15 @@ async def follow(services: Services, job_id: int, responder: Responder) -> JobRe
     """Relay a job's events to a responder until it finishes."""
     final: JobRecord | None = None
     streaming = False  # once text streams, it is the progress; percentages would hide it
+    shown_at = -POSITION_EVERY_S
     async for event in services.queue.watch(job_id):
         if event.type == "position" and event.position:
-            await responder.progress(f"⏳ Queued (job {job_id}) — position {event.position}")
+            # Far from the front, a position is shown every few seconds: a burst of 200 jobs
+            # would otherwise be 200 message edits a second.
+            now = time.monotonic()
+            if event.position <= POSITION_NEAR or now - shown_at >= POSITION_EVERY_S:
+                shown_at = now
+                await responder.progress(f"⏳ Queued (job {job_id}) — position {event.position}")
         elif event.type == "started":
             await responder.progress(f"⚙️ Working on job {job_id}…")
         elif event.type == "progress" and event.progress is not None and not streaming:

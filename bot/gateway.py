@@ -98,7 +98,7 @@ class InteractionResponder:
         self.job_id: int | None = None
         #: The message that shows the result, once delivered (a conversation turn's id).
         self.message_id: str | None = None
-        self.throttle = EditThrottle(self._edit_progress, interval=1.0)
+        self.throttle = EditThrottle(self._edit_progress, interval=1.0, quiet_start=True)
 
     @property
     def attachment_limit(self) -> int:
@@ -161,6 +161,7 @@ class InteractionResponder:
 
     async def info(self, message: str) -> None:
         """Ephemeral; a long text (a listing) goes out as several messages."""
+        await self.throttle.close()  # a pending progress edit must not overwrite this answer
         for chunk in split_text(message):
             if self.interaction.response.is_done():
                 await self.interaction.followup.send(chunk, ephemeral=True)

@@ -287,7 +287,7 @@ class HttpResponder:
         self.token_window_s = token_window_s
         self._clock = clock
         self.job_id: int | None = None
-        self.throttle = EditThrottle(self._edit_progress, interval=1.0)
+        self.throttle = EditThrottle(self._edit_progress, interval=1.0, quiet_start=True)
 
     def token_expired(self) -> bool:
         return self._clock() - self.incoming.created_at > self.token_window_s
@@ -350,6 +350,7 @@ class HttpResponder:
         await self.rest.followup(inc.application_id, inc.token, message, ephemeral=True)
 
     async def info(self, message: str) -> None:
+        await self.throttle.close()  # a pending progress edit must not overwrite this answer
         await self.rest.followup(self.incoming.application_id, self.incoming.token, message, ephemeral=True)
 
 

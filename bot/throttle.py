@@ -17,16 +17,21 @@ class EditThrottle:
     ``update`` never waits on the network: it records the newest content and makes sure a
     flush is scheduled. ``close`` cancels what is pending and waits for an edit in flight,
     so the final result edit is never overtaken by a late progress edit.
+
+    With ``quiet_start`` (after a deferral: Discord shows "thinking…" meanwhile) the first
+    progress edit comes one interval after creation, so in a burst of commands the loop
+    sends every deferral before any progress edit. A result is never held back by it.
     """
 
     def __init__(self, send: Callable[[str], Awaitable[None]], interval: float = 1.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, *, quiet_start: bool = False) -> None:
         self._send = send
         self.interval = interval
         self._clock = clock
         self._latest: str | None = None
         self._sent: str | None = None
-        self._last_at = -interval
+        self._last_at = -interval  # the last edit sent
+        self._quiet_until = clock() + interval if quiet_start else -interval
         self._task: asyncio.Task[None] | None = None
         self._closed = False
         self._in_send = False
@@ -41,7 +46,7 @@ class EditThrottle:
 
     async def _flush(self) -> None:
         while not self._closed and self._latest is not None and self._latest != self._sent:
-            wait = self._last_at + self.interval - self._clock()
+            wait = max(self._last_at + self.interval, self._quiet_until) - self._clock()
             if wait > 0:
                 await asyncio.sleep(wait)
                 continue

@@ -25,6 +25,7 @@ import itertools
 import logging
 import os
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -48,8 +49,9 @@ LEASE_S = 120.0  # a worker on another host is presumed dead after this long wit
 T = TypeVar("T")
 
 
-def run_in_fresh_thread(name: str, fn: Callable[..., T], *args: Any) -> asyncio.Future[T]:
+def run_in_fresh_thread(name: str, fn: Callable[..., T], *args: Any, nice: int = 0) -> asyncio.Future[T]:
     """Run ``fn(*args)`` on a new thread that ends with it; await the returned future.
+    ``nice`` > 0 lowers the thread's CPU priority (and that of the threads it starts).
 
     Why not a long-lived executor: torch's OpenMP runtime (libgomp) keeps a team of worker
     threads for every thread that ever ran parallel work, and once the process holds more
@@ -70,6 +72,8 @@ def run_in_fresh_thread(name: str, fn: Callable[..., T], *args: Any) -> asyncio.
 
     def target() -> None:
         result, error = None, None
+        if nice > 0:
+            lower_thread_priority(nice)
         try:
             result = fn(*args)
         except BaseException as exc:  # handed to the awaiting task, like an executor would
@@ -79,6 +83,18 @@ def run_in_fresh_thread(name: str, fn: Callable[..., T], *args: Any) -> asyncio.
 
     threading.Thread(target=target, name=name).start()
     return future
+
+
+def lower_thread_priority(nice: int) -> None:
+    """Make the calling thread nicer by ``nice``. On Linux the niceness is per thread and
+    threads it starts (torch's OpenMP team) inherit it; elsewhere this does nothing."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except OSError as exc:  # a sandbox that forbids it: run at normal priority
+        log.debug("could not lower the model thread's priority: %s", exc)
 
 
 class QueueError(Exception):
@@ -113,6 +129,13 @@ class QueueConfig:
     batch_window_s: float = 0.05
     #: Per-lane timeouts overriding job_timeout_s (training runs far longer than a chat answer).
     lane_timeouts: dict[str, float] = field(default_factory=lambda: {"training": 3600.0})
+    #: Niceness of the model threads (Linux: per thread). The event loop keeps its priority,
+    #: so it answers Discord at once even while the model keeps every core busy.
+    model_nice: int = 10
+    #: The interpreter's thread switch interval while the queue runs. A model thread busy in
+    #: Python keeps the GIL for up to this long each time the loop gives it up (every socket
+    #: call), so at the default 5 ms one burst of Discord events stalled the loop ~0.3 s.
+    switch_interval_s: float = 0.0005
 
 
 @dataclass
@@ -182,6 +205,7 @@ class GenerationQueue:
     async def start(self, *, recover: bool = True, load_backlog: bool = True) -> None:
         """Recover jobs of crashed workers, load the persisted backlog, start the lanes."""
         self._loop = asyncio.get_running_loop()
+        sys.setswitchinterval(min(sys.getswitchinterval(), self.config.switch_interval_s))
         for kind in self.config.lanes:
             self._lanes[kind] = _Lane(kind)
         if recover:
@@ -401,7 +425,7 @@ class GenerationQueue:
         model = records[0].model
         try:
             results: list[Result] | None = await run_in_fresh_thread(
-                f"lane-{lane.kind}", self._generate, lane.kind, model, requests)
+                f"lane-{lane.kind}", self._generate, lane.kind, model, requests, nice=self.config.model_nice)
             error: str | None = None
         except Cancelled:
             results, error = None, "cancelled"

@@ -77,6 +77,7 @@ class TextGenerator(Generator):
         self.tokenizer: PreTrainedTokenizerBase | None = None
         self.device = "cpu"
         self.mode = "none"
+        self.eos_ids: list[int] = []
 
     # --- validation -----------------------------------------------------------------------
     def resolve(self) -> ModelSource:
@@ -163,6 +164,8 @@ class TextGenerator(Generator):
             log.warning("model %s has no chat template; prompts are sent as plain text", self.model_name)
         self.tokenizer = tokenizer
         self.model = model
+        # Once per load: it reads the whole vocabulary (~50k entries, GIL held), too slow per batch.
+        self.eos_ids = _eos_ids(tokenizer, model)
         log.info("loaded text model %s on %s in mode %s (%.0f MB)", self.model_name, self.device,
                  self.mode, self.memory_bytes() / 2**20)
 
@@ -226,7 +229,7 @@ class TextGenerator(Generator):
         encoded = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
         encoded = encoded.to(self.model.device)
         input_len = encoded["input_ids"].shape[1]
-        eos_ids = _eos_ids(tokenizer, self.model)
+        eos_ids = self.eos_ids
         monitor = _RowMonitor(requests, input_len, tokenizer, eos_ids)
         config = GenerationConfig(
             max_new_tokens=max(r.params.get("max_new_tokens", 64) for r in requests),
@@ -274,8 +277,8 @@ def _eos_ids(tokenizer: PreTrainedTokenizerBase, model: Any) -> list[int]:
         ids.update(configured)
     if tokenizer.eos_token_id is not None:
         ids.add(tokenizer.eos_token_id)
-    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>") if "<|im_end|>" in tokenizer.get_vocab() else None
-    if im_end is not None:
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(im_end, int) and im_end != tokenizer.unk_token_id:
         ids.add(im_end)
     return sorted(ids)
 

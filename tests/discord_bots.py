@@ -90,7 +90,9 @@ def shown(fake: FakeDiscord, interaction: FakeInteraction) -> list[tuple[str, bo
     original = fake.original_response(interaction)
     if original is not None and not original.deleted and not original.loading:
         seen.append((original.content, original.ephemeral))
-    seen += [(m.content, m.ephemeral) for m in fake.followups(interaction) if not m.deleted]
+    # After a deferral the first follow-up *is* the original (Discord fills the "thinking" message).
+    seen += [(m.content, m.ephemeral) for m in fake.followups(interaction)
+             if not m.deleted and (original is None or m.id != original.id)]
     return seen
 
 

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import sys
+import threading
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -10,7 +13,7 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from generators.base import GeneratorError
+from generators.base import GeneratorError, Request, Result
 from generators.queue import GenerationQueue, JobEvent, QueueConfig
 from generators.registry import ModelRegistry
 from storage.database import open_database
@@ -235,3 +238,30 @@ async def test_stop_puts_running_jobs_back_and_next_start_finishes_them(make_que
     done = await again.wait(record.id)
     assert done.status == "succeeded" and done.attempts == 2
     assert quick.calls == [["interrupted"]]
+
+
+class _ThreadRecorder(ScriptedGenerator):
+    """Notes the thread each batch ran on and its niceness."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: list[tuple[threading.Thread, int]] = []
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        self.threads.append((threading.current_thread(), nice))
+        return super().generate(requests)
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread niceness is Linux's")
+async def test_each_batch_runs_on_its_own_nicer_thread(make_queue: MakeQueue) -> None:
+    gen = _ThreadRecorder()
+    queue = await make_queue({"text": gen}, model_nice=5)
+    for prompt in ("one", "two"):
+        assert (await queue.wait((await queue.submit(_job("u1", prompt))).id)).status == "succeeded"
+    (first, first_nice), (second, second_nice) = gen.threads
+    loop_nice = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    assert first is not second and first is not threading.current_thread()
+    assert first_nice == second_nice == min(19, loop_nice + 5)  # the event loop keeps its priority
+    await _until(lambda: not first.is_alive() and not second.is_alive())  # gone with their OpenMP teams

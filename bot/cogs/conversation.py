@@ -93,6 +93,7 @@ class ReplyResponder:
         await self.reply.edit(content=message, attachments=[], view=None)
 
     async def info(self, message: str) -> None:
+        await self.throttle.close()  # a pending progress edit must not overwrite this answer
         await self._send(message)
 
 
