@@ -48,6 +48,7 @@ from storage.community import CommunityStore, NewFile, NewItem
 from storage.database import AsyncDatabase, open_database
 from storage.jobs import SqliteJobStore
 from tests.conftest import MODEL_CACHE
+from tests.tiny_text import random_lora_adapter
 
 GUILD = "1000"
 CHANNEL = "2000"
@@ -286,25 +287,10 @@ async def test_cancelling_a_training_job_stops_it_and_nothing_goes_live(lane: di
 
 
 # --- serving adapters and rolling back -------------------------------------------------------
-def _random_adapter(tiny_model_dir: Path, folder: Path, seed: int) -> Path:
-    from peft import LoraConfig, get_peft_model
-
-    model, _ = load_base(str(tiny_model_dir))
-    torch.manual_seed(seed)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 2.0)  # strong enough to change greedy output
-    peft_model.save_pretrained(str(folder))
-    return folder
-
-
 @pytest.mark.asyncio
 async def test_rollback_restores_the_previous_adapter_without_a_restart(tiny_model_dir: Path, tmp_path: Path,
                                                                         store: CommunityStore) -> None:
-    paths = [_random_adapter(tiny_model_dir, tmp_path / f"v{n}", n) for n in (1, 2)]
+    paths = [random_lora_adapter(tiny_model_dir, tmp_path / f"v{n}", n) for n in (1, 2)]
     ticks = iter(range(1_000_000))
     store.clock = lambda: float(next(ticks))  # every promotion strictly later than the one before
     ids = []

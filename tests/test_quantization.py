@@ -12,6 +12,7 @@ from generators import quantization
 from generators.adapters import AdapterTextGenerator
 from generators.base import Request
 from generators.text import TextGenerator
+from tests.tiny_text import random_lora_adapter
 
 pytestmark = pytest.mark.skipif(not quantization.has_fbgemm(), reason="fp16-weights needs fbgemm (x86)")
 
@@ -82,17 +83,7 @@ def test_generator_in_fp16_weights_mode_answers_like_fp32(tiny_model_dir: Path) 
 
 
 def test_lora_adapters_wrap_packed_layers(tiny_model_dir: Path, tmp_path: Path) -> None:
-    from peft import LoraConfig, get_peft_model
-
-    torch.manual_seed(3)
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                  init_lora_weights=False))
-    with torch.no_grad():
-        for name, param in peft_model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0.0, 2.0)  # strong enough to change greedy output
-    peft_model.save_pretrained(str(tmp_path / "adapter"))
+    random_lora_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
     answers = {}
     for mode in ("none", "fp16-weights"):
         generator = AdapterTextGenerator(str(tiny_model_dir), quantization_mode=mode, device="cpu", max_new_tokens=8)

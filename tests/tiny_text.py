@@ -50,3 +50,20 @@ def build_tiny_chat_model(folder: Path, *, seed: int = 0, max_positions: int = 8
     model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def random_lora_adapter(model_dir: Path, folder: Path, seed: int) -> Path:
+    """A LoRA adapter (q/v, r 4) for the tiny model, strong enough to change greedy output."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    torch.manual_seed(seed)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                  init_lora_weights=False))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0.0, 2.0)
+    peft_model.save_pretrained(str(folder))
+    return folder
