@@ -48,7 +48,7 @@ from generators.base import Cancelled, Generator, GeneratorError, Request, Resul
 from generators.finetune_gate import GateConfig, GateDecision, decide
 from generators.finetune_image import ImageTuneConfig, finetune_image
 from generators.finetune_text import TextTuneConfig, finetune_text, held_out_split
-from jobs.live_scheduler import keep_in_sync, new_scheduler
+from jobs.live_scheduler import LiveScheduler
 from storage.community import CommunityStore, Snapshot, Version
 from storage.database import AsyncDatabase
 from storage.jobs import JobRecord, NewJob
@@ -62,7 +62,6 @@ MODALITIES = ("text", "image")
 TRAINING_PRIORITY = -20
 TRAINING_MODEL = "finetune"
 JOB_PREFIX = "nightly-"
-SYNC_JOB = "nightly-sync"
 
 #: (guild, modality, the version now serving or None for the base model)
 ServingChanged = Callable[[str, str, Version | None], None]
@@ -309,7 +308,7 @@ class Due:
     note: str = ""
 
 
-class NightlyTrainer:
+class NightlyTrainer(LiveScheduler):
     """Schedules and submits training runs; also the front ends' way to retrain and roll back.
 
     Without ``start()`` it only submits and rolls back (the CLI); ``start()`` adds the
@@ -336,6 +335,7 @@ class NightlyTrainer:
         self.modalities = tuple(modalities)
         self.grace_s = grace_s
         self.sync_s = sync_s
+        self.sync_job_id = "nightly-sync"
         self.priority = priority
         self.max_seconds = max_seconds
         self.min_items = {"text": 20, "image": 8, **(min_items or {})}
@@ -427,23 +427,8 @@ class NightlyTrainer:
             return f"no change in the approved {modality} items since version {latest[0].id}"
         return ""
 
-    @property
-    def running(self) -> bool:
-        return self._scheduler is not None
-
-    async def start(self) -> None:
-        """Rebuild the cron jobs from the table, catch up a missed night, keep in sync."""
-        if self._scheduler is not None:
-            return
-        self._scheduler = new_scheduler()
-        await self.sync()
-        keep_in_sync(self._scheduler, self.sync, self.sync_s, SYNC_JOB)
-
-    async def stop(self) -> None:
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
-            self._scheduler = None
-            self._zones.clear()
+    def _forget(self) -> None:
+        self._zones.clear()
 
     async def sync(self) -> None:
         """Match the cron jobs to the servers with opted-in channels; submit anything overdue."""

@@ -26,3 +26,40 @@ def keep_in_sync(scheduler: AsyncIOScheduler, sync: Callable[[], Awaitable[None]
     """Run ``sync`` every ``every_s`` seconds; a late or overlapping run is folded into one."""
     scheduler.add_job(sync, IntervalTrigger(seconds=every_s), id=job_id, coalesce=True, max_instances=1,
                       misfire_grace_time=None)
+
+
+class LiveScheduler:
+    """The start/stop lifecycle of a service that syncs its cron jobs from SQLite.
+
+    Subclasses set ``sync_s`` and ``sync_job_id``, implement ``sync`` (reconcile the cron
+    jobs, submit what is overdue) and may override ``_forget`` (drop per-run state on stop).
+    """
+
+    sync_s: float
+    sync_job_id: str
+    _scheduler: AsyncIOScheduler | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._scheduler is not None
+
+    async def sync(self) -> None:
+        raise NotImplementedError
+
+    async def start(self) -> None:
+        """Reconcile once (catching up on what was missed while down), then stay in sync."""
+        if self._scheduler is not None:
+            return
+        self._scheduler = new_scheduler()
+        await self.sync()
+        keep_in_sync(self._scheduler, self.sync, self.sync_s, self.sync_job_id)
+
+    async def stop(self) -> None:
+        """Stop waking up; nothing persisted changes."""
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+            self._scheduler = None
+            self._forget()
+
+    def _forget(self) -> None:
+        """Per-run state to drop when the scheduler stops."""

@@ -40,7 +40,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from generators.base import GeneratorError
 from generators.queue import GenerationQueue, QueueError
 from generators.registry import ModelRegistry
-from jobs.live_scheduler import keep_in_sync, new_scheduler
+from jobs.live_scheduler import LiveScheduler
 from jobs.schedule_spec import (
     VARIABLES,
     ScheduleError,
@@ -65,7 +65,6 @@ SCHEDULE_PRIORITY = -10
 DEFAULT_MIN_INTERVAL = timedelta(minutes=10)
 DEFAULT_GRACE_S = 3600.0
 JOB_PREFIX = "schedule-"
-SYNC_JOB = "schedules-sync"
 
 
 class ChannelGone(Exception):
@@ -230,7 +229,7 @@ class _GiveUp(Exception):
     """A failure another attempt won't fix (bad prompt after rendering, cancelled job …)."""
 
 
-class ScheduledPoster:
+class ScheduledPoster(LiveScheduler):
     """Owns the schedules: validates and stores them, fires them, keeps the scheduler in sync.
 
     Without ``start()`` it only manages the table (the CLI's add/list/remove …); ``start()``
@@ -274,6 +273,7 @@ class ScheduledPoster:
         self.backoff_max_s = backoff_max_s
         self.sleep = sleep
         self.sync_s = sync_s
+        self.sync_job_id = "schedules-sync"
         self.priority = priority
         self._db = db or AsyncDatabase()
         self._owns_db = db is None
@@ -504,24 +504,12 @@ class ScheduledPoster:
             log.exception("mod log failed: %s", message)
 
     # --- the live scheduler ---------------------------------------------------------------
-    @property
-    def running(self) -> bool:
-        return self._scheduler is not None
-
-    async def start(self) -> None:
-        """Catch up on slots missed while down (coalesced), then fire on time from now on."""
-        if self._scheduler is not None:
-            return
-        self._scheduler = new_scheduler()
-        await self.sync()
-        keep_in_sync(self._scheduler, self.sync, self.sync_s, SYNC_JOB)
+    def _forget(self) -> None:
+        self._triggers.clear()
 
     async def stop(self) -> None:
         """Stop firing; posts in progress are cancelled (their slots are already spent)."""
-        if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
-            self._scheduler = None
-            self._triggers.clear()
+        await super().stop()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
