@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from generators.base import GeneratorError
@@ -44,3 +46,19 @@ def test_unknown_modality_is_a_clear_error() -> None:
     registry = ModelRegistry({"text": lambda _n: ScriptedGenerator()}, {"text": "a"}, budget_bytes=10)
     with pytest.raises(GeneratorError, match="image generation is not available"):
         registry.get("image")
+
+
+def test_a_load_freezes_the_heap_and_an_unload_thaws_it() -> None:
+    gc.unfreeze()
+    registry = ModelRegistry({"text": lambda _n: ScriptedGenerator()}, {"text": "a"}, budget_bytes=1500)
+    try:
+        with registry.acquire("text", "a"):
+            assert gc.get_freeze_count() > 0  # full collections no longer walk what the load built
+        frozen = gc.get_freeze_count()
+        with registry.acquire("text", "b"):  # over budget: "a" is evicted (thawed), then "b" frozen
+            pass
+        assert gc.get_freeze_count() >= frozen
+        registry.unload_all()
+        assert gc.get_freeze_count() == 0  # what the models held can be collected again
+    finally:
+        gc.unfreeze()
