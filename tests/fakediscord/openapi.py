@@ -384,6 +384,11 @@ class DiscordSpec:
             self._routes.append(route)
         # Literal segments beat parameters (/users/@me before /users/{user_id}).
         self._routes.sort(key=lambda r: (-r.literals, r.template))
+        # A parameter matches exactly one segment, so only templates with as many segments
+        # as the path can match: the fake looks up every request, keep that cheap.
+        self._by_length: dict[int, list[_Route]] = {}
+        for route in self._routes:
+            self._by_length.setdefault(route.template.strip("/").count("/") + 1, []).append(route)
 
     # -- lookup -------------------------------------------------------------------------
 
@@ -393,7 +398,7 @@ class DiscordSpec:
         The operation is None when the path exists but not with this method; the template
         is None when no path matches at all.
         """
-        for route in self._routes:
+        for route in self._by_length.get(path.strip("/").count("/") + 1, ()):
             m = route.pattern.match(path)
             if m:
                 return route.operations.get(method.upper()), m.groupdict(), route.template
