@@ -35,6 +35,7 @@ from discord.ext import commands as ext_commands
 
 from bot.commands import Invocation, user_error
 from bot.discord_poster import DiscordPoster
+from bot.early_ack import CallbackClient, EarlyAcks, defer_thinking
 from bot.moderation import global_defaults, moderator_role
 from bot.permissions import is_moderator
 from bot.render import DEFAULT_ATTACHMENT_LIMIT, FileOut, progress_text, render_result, split_text
@@ -49,6 +50,8 @@ log = logging.getLogger(__name__)
 
 TOKEN_LIFETIME = timedelta(minutes=15)
 TOKEN_MARGIN = timedelta(seconds=30)
+#: Commands whose first answer is always a public "thinking" deferral (see `bot.early_ack`).
+EARLY_ACK_COMMANDS = frozenset({"chat", "imagine", "speak"})
 
 
 def configure_endpoints(settings: Settings) -> None:
@@ -149,6 +152,7 @@ class InteractionResponder:
 
     async def error(self, message: str) -> None:
         await self.throttle.close()
+        await self.bot.settle_early_ack(self.interaction)
         if self.token_expired():
             log.warning("job %s: %s (interaction expired; not shown)", self.job_id, message)
             return
@@ -162,6 +166,7 @@ class InteractionResponder:
     async def info(self, message: str) -> None:
         """Ephemeral; a long text (a listing) goes out as several messages."""
         await self.throttle.close()  # a pending progress edit must not overwrite this answer
+        await self.bot.settle_early_ack(self.interaction)
         for chunk in split_text(message):
             if self.interaction.response.is_done():
                 await self.interaction.followup.send(chunk, ephemeral=True)
@@ -192,6 +197,17 @@ class AigcBot(ext_commands.Bot):
         # their channel when they finish.
         self._deliveries: set[asyncio.Task[None]] = set()
         services.queue.add_listener(self._on_job_event)
+        self.early_acks: EarlyAcks | None = None
+
+    async def acknowledge(self, interaction: discord.Interaction) -> None:
+        """Defer a generation command with a public "thinking" message (first, always)."""
+        await defer_thinking(interaction, self.early_acks)
+
+    async def settle_early_ack(self, interaction: discord.Interaction) -> None:
+        """Before answering an interaction that may have been deferred early (an error raised
+        before its command ran), let discord.py know about that deferral."""
+        if self.early_acks is not None and not interaction.response.is_done():
+            await self.early_acks.claim(interaction)
 
     def _on_job_event(self, event: JobEvent) -> None:
         record = event.record
@@ -248,6 +264,8 @@ class AigcBot(ext_commands.Bot):
         await self.services.schedules.stop()  # no scheduled post may outlive the connection
         await self.services.trainer.stop()
         await self.services.capture.stop()  # writes what is still buffered
+        if self.early_acks is not None:
+            self.early_acks.close()
         await super().close()
 
     async def setup_hook(self) -> None:
@@ -255,6 +273,10 @@ class AigcBot(ext_commands.Bot):
 
         await setup_cogs(self)
         await self.sync_commands()
+        if self.settings.discord_early_ack and self.http.proxy is None:
+            client = CallbackClient(self.settings.discord_api_base, self.http.user_agent)
+            self.early_acks = EarlyAcks(client, EARLY_ACK_COMMANDS)
+            self.early_acks.install(self._connection.parsers)
 
     async def sync_commands(self) -> None:
         guild_ids = self.settings.discord_dev_guild_ids

@@ -120,6 +120,11 @@ class Settings(BaseSettings):
     discord_api_base: str = Field(
         "https://discord.com/api/v10", validation_alias=_env("DISCORD_API_BASE")
     )
+    discord_early_ack: bool = Field(
+        True, validation_alias=_env("DISCORD_EARLY_ACK"),
+        description="Defer /chat, /imagine and /speak straight from the gateway payload over kept-alive "
+        "connections (bot.early_ack); false: defer through discord.py only.",
+    )
     discord_gateway_url: str = Field(
         "wss://gateway.discord.gg/", validation_alias=_env("DISCORD_GATEWAY_URL")
     )

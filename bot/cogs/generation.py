@@ -38,7 +38,7 @@ async def run_generation(interaction: discord.Interaction, kind: str, prompt: st
                          params: dict[str, Any], model: str | None = None) -> None:
     """/imagine and /speak: checks, then the job, shown on the deferred interaction."""
     bot: AigcBot = interaction.client  # type: ignore[assignment]
-    await interaction.response.defer(thinking=True)  # first: Discord's 3-second deadline
+    await bot.acknowledge(interaction)  # first: Discord's 3-second deadline
     responder = InteractionResponder(interaction, bot)
     inv = await invocation(interaction, bot.services)
     await chat_flow.generate_guarded(inv, responder, bot.services, kind, prompt, params, model, modlog=bot.modlog)
@@ -61,7 +61,7 @@ class GenerationCog(ext_commands.Cog, name="Generation"):
                    temperature: app_commands.Range[float, 0.0, 2.0] | None = None,
                    max_tokens: app_commands.Range[int, 1, 4096] | None = None,
                    seed: app_commands.Range[int, 0, 2**53 - 1] | None = None) -> None:
-        await interaction.response.defer(thinking=True)  # first: Discord's 3-second deadline
+        await self.bot.acknowledge(interaction)  # first: Discord's 3-second deadline
         responder = InteractionResponder(interaction, self.bot)
         inv = await invocation(interaction, self.bot.services)
 

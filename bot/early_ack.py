@@ -1,0 +1,304 @@
+"""Early acknowledgement of the slash commands that always defer (gateway mode).
+
+Discord fails an interaction that is not acknowledged within 3 s, and in a burst every
+acknowledgement waits for the event loop to get through the ones before it. discord.py
+acknowledges only once it has built the interaction's objects, found the command and
+converted its options; then its aiohttp request costs about 0.4 ms of CPU here (a burst
+needs a new connection per request). Measured on 2 cores, 200 commands at once were all
+acknowledged only after 230-400 ms.
+
+So for the commands whose first answer is always a public "thinking" deferral, the bot
+sends that deferral straight from the raw INTERACTION_CREATE payload, before discord.py
+parses it, through `CallbackClient`: a minimal HTTP/1.1 client for this one request that
+keeps its connections alive. The command then *claims* it (`EarlyAcks.claim`) instead of
+deferring. When the early deferral failed (a network error, a 429, any other status) the
+command defers through discord.py as before, which handles rate limits and reports errors.
+
+The callback route carries the interaction token in its path and needs no bot token, so
+this client never holds a secret; its log lines name the interaction id only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import time
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+import discord
+import yarl
+
+log = logging.getLogger(__name__)
+
+APPLICATION_COMMAND = 2
+CHAT_INPUT = 1
+DEFERRED_CHANNEL_MESSAGE = b'{"type":5}'  # the public "thinking" message, as defer(thinking=True)
+ALREADY_ACKNOWLEDGED = 40060  # Discord's error code when a callback is sent twice
+FORGET_AFTER_S = 60.0  # an unclaimed early deferral (the command never ran) is dropped then
+HOLD_MAX_S = 0.5  # longest discord.py's handling of an event waits behind early deferrals
+DRAIN_STEP = 16  # held events handed on per loop step
+
+
+class _Connection(asyncio.Protocol):
+    """One HTTP/1.1 connection carrying one request at a time."""
+
+    def __init__(self) -> None:
+        self.transport: asyncio.Transport | None = None
+        self.reply: asyncio.Future[int] | None = None
+        self.buffer = bytearray()
+        self.reusable = False
+        self.closed = False
+        self.idle_since = 0.0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.reply is not None and not self.reply.done():
+            self.reply.set_exception(ConnectionError("the connection closed before the response"))
+
+    def send(self, request: bytes, reply: asyncio.Future[int]) -> None:
+        assert self.transport is not None
+        self.reply, self.buffer, self.reusable = reply, bytearray(), False
+        self.transport.write(request)
+
+    def close(self) -> None:
+        if self.transport is not None:
+            self.transport.close()
+        self.closed = True
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0 or self.reply is None or self.reply.done():
+            return
+        lines = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
+        version, _, rest = lines[0].partition(" ")
+        try:
+            status = int(rest[:3])
+        except ValueError:
+            self.reply.set_exception(ConnectionError(f"not an HTTP response: {lines[0][:60]!r}"))
+            self.close()
+            return
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip().lower()
+        length = "0" if status in (204, 304) else headers.get("content-length", "")
+        if not length.isdigit():  # chunked or read-until-close: only the status matters, so drop the connection
+            self.reply.set_result(status)
+            self.close()
+            return
+        if len(self.buffer) < end + 4 + int(length):
+            return  # the rest of the body is on its way
+        self.reusable = version == "HTTP/1.1" and headers.get("connection") != "close"
+        self.reply.set_result(status)
+
+
+class CallbackClient:
+    """POSTs small JSON bodies to one API base over kept-alive HTTP/1.1 connections.
+
+    A request takes an idle connection (the most recently used, least likely to have been
+    closed by the server) or opens one; a burst of N requests opens N. At most ``max_idle``
+    connections are kept, each for ``idle_s`` seconds.
+    """
+
+    def __init__(self, api_base: str, user_agent: str, *, max_idle: int = 32, idle_s: float = 30.0,
+                 timeout_s: float = 5.0) -> None:
+        url = yarl.URL(api_base)
+        if url.scheme not in ("http", "https") or not url.host:
+            raise ValueError(f"not an http(s) URL: {api_base!r}")
+        self._host, self._port = url.host, url.port or (443 if url.scheme == "https" else 80)
+        self._ssl: ssl.SSLContext | None = ssl.create_default_context() if url.scheme == "https" else None
+        self._prefix = url.path.rstrip("/")
+        host_header = url.raw_host or url.host
+        if not url.is_default_port():
+            host_header = f"{host_header}:{url.port}"
+        self._head = f"Host: {host_header}\r\nUser-Agent: {user_agent}\r\nContent-Type: application/json\r\n"
+        self.max_idle, self.idle_s, self.timeout_s = max_idle, idle_s, timeout_s
+        self._idle: list[_Connection] = []
+        self.opened = 0  # connections opened so far (tests and the bench read it)
+
+    async def post(self, path: str, body: bytes) -> int:
+        """The response status of ``POST {api_base}{path}``. Raises OSError/TimeoutError."""
+        request = (f"POST {self._prefix}{path} HTTP/1.1\r\n{self._head}"
+                   f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+        connection = self._take_idle() or await self._open()
+        reply: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        connection.send(request, reply)
+        try:
+            status = await asyncio.wait_for(reply, self.timeout_s)
+        except BaseException:
+            connection.close()
+            raise
+        if connection.reusable and not connection.closed and len(self._idle) < self.max_idle:
+            connection.idle_since = time.monotonic()
+            self._idle.append(connection)
+        else:
+            connection.close()
+        return status
+
+    def close(self) -> None:
+        for connection in self._idle:
+            connection.close()
+        self._idle.clear()
+
+    def _take_idle(self) -> _Connection | None:
+        now = time.monotonic()
+        while self._idle:
+            connection = self._idle.pop()
+            if not connection.closed and now - connection.idle_since < self.idle_s:
+                return connection
+            connection.close()
+        return None
+
+    async def _open(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        _, connection = await asyncio.wait_for(loop.create_connection(
+            _Connection, self._host, self._port, ssl=self._ssl,
+            server_hostname=self._host if self._ssl else None), self.timeout_s)
+        self.opened += 1
+        return connection
+
+
+class EarlyAcks:
+    """Defers the ``commands`` (chat-input slash commands) as soon as they arrive.
+
+    `install` it in front of discord.py's gateway parsers; a command handler then calls
+    `claim` (see `bot.early_ack.defer_thinking`).
+
+    Acknowledgements come first: while early deferrals are in flight, discord.py's handling
+    of gateway events (building its objects, running commands and their database reads,
+    queueing) is held back, in order, for at most `HOLD_MAX_S`. In a burst the loop then
+    sends every deferral before it turns to the commands, instead of interleaving them.
+    """
+
+    def __init__(self, client: CallbackClient, commands: frozenset[str]) -> None:
+        self.client = client
+        self.commands = commands
+        self._pending: dict[int, asyncio.Task[bool]] = {}
+        self._in_flight = 0
+        self._held: deque[tuple[Callable[[Any], None], Any]] = deque()
+        self._hold_timer: asyncio.Handle | None = None  # the cap, or the next drain step
+        self._draining = False
+        self.deferred = 0  # interactions deferred early so far (tests and the bench read it)
+
+    def install(self, parsers: dict[str, Callable[[Any], None]]) -> None:
+        """Wrap every parser of ``parsers``: discord.py's ``ConnectionState.parsers``, the
+        dict its gateway looks each event up in (it has no public hook before parsing)."""
+        for event, parse in list(parsers.items()):
+            parsers[event] = self._in_front_of(event, parse)
+
+    def _in_front_of(self, event: str, parse: Callable[[Any], None]) -> Callable[[Any], None]:
+        def parser(data: Any) -> None:
+            if event == "INTERACTION_CREATE":
+                self.start(data)
+            if self._in_flight or self._held:  # behind what is held: the order is kept
+                self._hold(parse, data)
+            else:
+                parse(data)
+
+        return parser
+
+    def start(self, data: Any) -> bool:
+        """Send the deferral for a raw interaction payload, if it is one of ours."""
+        if not isinstance(data, dict) or data.get("type") != APPLICATION_COMMAND:
+            return False
+        command = data.get("data")
+        if not isinstance(command, dict) or command.get("type", CHAT_INPUT) != CHAT_INPUT:
+            return False
+        if command.get("name") not in self.commands:
+            return False
+        try:
+            interaction_id, token = int(data["id"]), str(data["token"])
+        except (KeyError, TypeError, ValueError):
+            return False  # discord.py rejects such a payload itself
+        loop = asyncio.get_running_loop()
+        self._in_flight += 1
+        self._pending[interaction_id] = loop.create_task(self._send(interaction_id, token))
+        loop.call_later(FORGET_AFTER_S, self._pending.pop, interaction_id, None)
+        return True
+
+    async def _send(self, interaction_id: int, token: str) -> bool:
+        try:
+            status = await self.client.post(f"/interactions/{interaction_id}/{token}/callback",
+                                            DEFERRED_CHANNEL_MESSAGE)
+        except (OSError, TimeoutError) as exc:
+            log.info("early deferral of interaction %s failed (%s); deferring through discord.py",
+                     interaction_id, type(exc).__name__)
+            return False
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight and self._held:
+                self._schedule_drain(0.0)
+        if 200 <= status < 300:
+            self.deferred += 1
+            return True
+        log.info("early deferral of interaction %s got HTTP %s; deferring through discord.py", interaction_id, status)
+        return False
+
+    def _hold(self, parse: Callable[[Any], None], data: Any) -> None:
+        self._held.append((parse, data))
+        if self._hold_timer is None and not self._draining:
+            self._hold_timer = asyncio.get_running_loop().call_later(HOLD_MAX_S, self._drain)
+
+    def _schedule_drain(self, delay: float) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+        self._hold_timer = asyncio.get_running_loop().call_later(delay, self._drain)
+
+    def _drain(self) -> None:
+        """Hand held events to discord.py, a few per loop step (deferrals arriving meanwhile
+        still go first)."""
+        self._hold_timer = None
+        self._draining = True
+        for _ in range(DRAIN_STEP):
+            if not self._held:
+                self._draining = False
+                return
+            parse, data = self._held.popleft()
+            try:
+                parse(data)
+            except Exception:  # as discord.py's gateway would, minus dropping the connection
+                log.exception("handling a gateway event failed")
+        self._hold_timer = asyncio.get_running_loop().call_soon(self._drain)
+
+    async def claim(self, interaction: discord.Interaction) -> bool:
+        """Whether ``interaction`` was deferred early; if so its response now counts as done."""
+        task = self._pending.pop(interaction.id, None)
+        if task is None or not await task:
+            return False
+        mark_deferred(interaction)
+        return True
+
+    def close(self) -> None:
+        for task in self._pending.values():
+            task.cancel()
+        self._pending.clear()
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+        self._held.clear()
+        self.client.close()
+
+
+def mark_deferred(interaction: discord.Interaction) -> None:
+    """Tell discord.py the interaction has its deferral, as its own ``defer`` would.
+    discord.py has no public way to say so; ``is_done()`` reads this attribute."""
+    interaction.response._response_type = discord.InteractionResponseType.deferred_channel_message
+
+
+async def defer_thinking(interaction: discord.Interaction, early: EarlyAcks | None) -> None:
+    """A public "thinking" deferral: the early one when it went through, else discord.py's."""
+    if early is not None and await early.claim(interaction):
+        return
+    try:
+        await interaction.response.defer(thinking=True)
+    except discord.HTTPException as exc:
+        # The early request may have reached Discord even though its answer was lost.
+        if exc.code != ALREADY_ACKNOWLEDGED:
+            raise
+        mark_deferred(interaction)
