@@ -39,6 +39,7 @@ DEFERRED_CHANNEL_MESSAGE = b'{"type":5}'  # the public "thinking" message, as de
 ALREADY_ACKNOWLEDGED = 40060  # Discord's error code when a callback is sent twice
 FORGET_AFTER_S = 60.0  # an unclaimed early deferral (the command never ran) is dropped then
 HOLD_MAX_S = 0.5  # longest discord.py's handling of an event waits behind early deferrals
+QUIET_S = 0.02  # held events are handed on once no deferral has been in flight for this long
 DRAIN_STEP = 16  # held events handed on per loop step
 
 
@@ -173,8 +174,9 @@ class EarlyAcks:
 
     Acknowledgements come first: while early deferrals are in flight, discord.py's handling
     of gateway events (building its objects, running commands and their database reads,
-    queueing) is held back, in order, for at most `HOLD_MAX_S`. In a burst the loop then
-    sends every deferral before it turns to the commands, instead of interleaving them.
+    queueing) is held back, in order, until none has been in flight for `QUIET_S` (at most
+    `HOLD_MAX_S`). In a burst the loop then sends every deferral before it turns to the
+    commands, instead of interleaving them.
     """
 
     def __init__(self, client: CallbackClient, commands: frozenset[str]) -> None:
@@ -183,7 +185,8 @@ class EarlyAcks:
         self._pending: dict[int, asyncio.Task[bool]] = {}
         self._in_flight = 0
         self._held: deque[tuple[Callable[[Any], None], Any]] = deque()
-        self._hold_timer: asyncio.Handle | None = None  # the cap, or the next drain step
+        self._drain_timer: asyncio.Handle | None = None  # when held events are next handed on
+        self._held_since = 0.0
         self._draining = False
         self.deferred = 0  # interactions deferred early so far (tests and the bench read it)
 
@@ -219,6 +222,8 @@ class EarlyAcks:
             return False  # discord.py rejects such a payload itself
         loop = asyncio.get_running_loop()
         self._in_flight += 1
+        if self._held and not self._draining:  # not quiet after all: back to the cap
+            self._drain_at(self._held_since + HOLD_MAX_S)
         self._pending[interaction_id] = loop.create_task(self._send(interaction_id, token))
         loop.call_later(FORGET_AFTER_S, self._pending.pop, interaction_id, None)
         return True
@@ -233,8 +238,8 @@ class EarlyAcks:
             return False
         finally:
             self._in_flight -= 1
-            if not self._in_flight and self._held:
-                self._schedule_drain(0.0)
+            if not self._in_flight and self._held and not self._draining:
+                self._drain_at(min(asyncio.get_running_loop().time() + QUIET_S, self._held_since + HOLD_MAX_S))
         if 200 <= status < 300:
             self.deferred += 1
             return True
@@ -242,19 +247,20 @@ class EarlyAcks:
         return False
 
     def _hold(self, parse: Callable[[Any], None], data: Any) -> None:
+        if not self._held and not self._draining:
+            self._held_since = asyncio.get_running_loop().time()
+            self._drain_at(self._held_since + HOLD_MAX_S)
         self._held.append((parse, data))
-        if self._hold_timer is None and not self._draining:
-            self._hold_timer = asyncio.get_running_loop().call_later(HOLD_MAX_S, self._drain)
 
-    def _schedule_drain(self, delay: float) -> None:
-        if self._hold_timer is not None:
-            self._hold_timer.cancel()
-        self._hold_timer = asyncio.get_running_loop().call_later(delay, self._drain)
+    def _drain_at(self, when: float) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+        self._drain_timer = asyncio.get_running_loop().call_at(when, self._drain)
 
     def _drain(self) -> None:
         """Hand held events to discord.py, a few per loop step (deferrals arriving meanwhile
         still go first)."""
-        self._hold_timer = None
+        self._drain_timer = None
         self._draining = True
         for _ in range(DRAIN_STEP):
             if not self._held:
@@ -265,7 +271,7 @@ class EarlyAcks:
                 parse(data)
             except Exception:  # as discord.py's gateway would, minus dropping the connection
                 log.exception("handling a gateway event failed")
-        self._hold_timer = asyncio.get_running_loop().call_soon(self._drain)
+        self._drain_timer = asyncio.get_running_loop().call_soon(self._drain)
 
     async def claim(self, interaction: discord.Interaction) -> bool:
         """Whether ``interaction`` was deferred early; if so its response now counts as done."""
@@ -279,8 +285,8 @@ class EarlyAcks:
         for task in self._pending.values():
             task.cancel()
         self._pending.clear()
-        if self._hold_timer is not None:
-            self._hold_timer.cancel()
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
         self._held.clear()
         self.client.close()
 

@@ -1,6 +1,7 @@
 """The Discord bot over the gateway (discord.py): wiring, the interaction responder, start-up.
 
-Flow of a generation command: defer at once (well inside Discord's 3 s), check that the
+Flow of a generation command: defer at once (well inside Discord's 3 s; /chat, /imagine
+and /speak are deferred from the raw gateway payload, see `bot.early_ack`), check that the
 command is enabled and the prompt allowed here (`bot.chat`), submit to the queue, then edit
 the deferred message as the job moves (position, progress, streamed text; edits throttled
 to one per second) and finally replace it with the result. Errors are ephemeral. A result

@@ -11,7 +11,7 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 
-from bot.early_ack import CallbackClient
+from bot.early_ack import HOLD_MAX_S, CallbackClient, EarlyAcks
 from tests.discord_bots import make_bot
 from tests.fakediscord import FakeDiscord, running_client
 from tests.scripted import ScriptedGenerator
@@ -144,6 +144,45 @@ async def test_a_slow_server_times_out_and_bad_urls_are_refused(server: Any) -> 
     client.close()
     with pytest.raises(ValueError, match="not an http"):
         CallbackClient("wss://gateway.discord.gg/", "ua")
+
+
+def chat_payload(interaction_id: int) -> dict[str, Any]:
+    return {"id": str(interaction_id), "token": f"tok{interaction_id}", "type": 2,
+            "data": {"type": 1, "name": "chat", "options": []}}
+
+
+@pytest.mark.asyncio
+async def test_events_wait_in_order_while_a_deferral_is_in_flight(server: Any) -> None:
+    delay = {"s": 0.2}
+
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(delay["s"])
+        return web.Response(status=204)
+
+    base, seen = await server(slow)
+    acks = EarlyAcks(CallbackClient(base, "ua"), frozenset({"chat"}))
+    handled: list[str] = []
+    parsers: dict[str, Callable[[Any], None]] = {
+        "INTERACTION_CREATE": lambda d: handled.append(f"interaction {d['id']}"),
+        "MESSAGE_CREATE": lambda d: handled.append(f"message {d['id']}"),
+    }
+    acks.install(parsers)
+    parsers["MESSAGE_CREATE"]({"id": "0"})  # nothing in flight: handled at once
+    parsers["INTERACTION_CREATE"](chat_payload(1))
+    parsers["MESSAGE_CREATE"]({"id": "2"})
+    parsers["INTERACTION_CREATE"]({**chat_payload(3), "data": {"type": 1, "name": "help"}})  # not deferred early
+    assert handled == ["message 0"]  # the rest waits for the deferral
+    await asyncio.sleep(0.1)
+    assert handled == ["message 0"] and [r["path"] for r in seen] == ["/api/v10/interactions/1/tok1/callback"]
+    await asyncio.sleep(0.3)
+    assert handled == ["message 0", "interaction 1", "message 2", "interaction 3"]
+    assert acks.deferred == 1
+
+    delay["s"] = 2.0  # a slow Discord: events wait at most HOLD_MAX_S
+    parsers["INTERACTION_CREATE"](chat_payload(4))
+    await asyncio.sleep(HOLD_MAX_S + 0.2)
+    assert handled[-1] == "interaction 4" and acks.deferred == 1
+    acks.close()
 
 
 # --- through discord.py ---------------------------------------------------------------------------
