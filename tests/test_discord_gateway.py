@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from storage.jobs import NewJob
-from tests.discord_bots import PictureGenerator, make_bot
+from tests.discord_bots import PictureGenerator, chat_answer, make_bot
 from tests.fakediscord import FakeDiscord, running_client
 from tests.scripted import ScriptedGenerator
 
@@ -149,15 +149,19 @@ async def test_moderator_may_cancel_anyones_job_and_cancel_command_checks_owner(
 
 
 @pytest.mark.asyncio
-async def test_a_429_on_the_edit_route_is_survived(fake_discord: FakeDiscord, make_bot: Any) -> None:
+@pytest.mark.parametrize(("method", "route"), [("PATCH", r"/messages/@original$"), ("POST", r"/callback$")])
+async def test_a_429_is_survived(fake_discord: FakeDiscord, make_bot: Any, method: str, route: str) -> None:
+    """On the edit route discord.py waits and retries; on the callback the early deferral
+    (bot.early_ack) gives way to discord.py's defer, which goes through."""
     fake = fake_discord
     bot, _ = await make_bot({"text": ScriptedGenerator()})
-    rule = fake.rate_limit_next("PATCH", r"/messages/@original$", retry_after=0.3, count=1)
+    rule = fake.rate_limit_next(method, route, retry_after=0.3, count=1)
     async with running_client(bot, fake):
         interaction = await fake.dispatch_interaction(fake.slash_command("chat", {"prompt": "hello"}))
-        final = await fake.wait_until(
-            lambda: (m := fake.original_response(interaction)) and m.content == "hello:1" and m, timeout=10)
-    assert len(rule.hits) == 1 and final.custom_ids() == ["aigc:regen:1"]
+        final = await chat_answer(fake, interaction)
+        assert bot.early_acks is not None and bot.early_acks.deferred == (0 if method == "POST" else 1)
+    assert len(rule.hits) == 1 and final.content == "hello:1" and final.custom_ids() == ["aigc:regen:1"]
+    assert fake.callbacks(interaction) == [{"type": 5}]
 
 
 @pytest.mark.asyncio
