@@ -33,9 +33,10 @@ import yarl
 
 log = logging.getLogger(__name__)
 
-APPLICATION_COMMAND = 2
-CHAT_INPUT = 1
-DEFERRED_CHANNEL_MESSAGE = b'{"type":5}'  # the public "thinking" message, as defer(thinking=True)
+APPLICATION_COMMAND = discord.InteractionType.application_command.value
+CHAT_INPUT = discord.AppCommandType.chat_input.value
+# The public "thinking" message, as discord.py's defer(thinking=True) sends it.
+DEFERRED_CHANNEL_MESSAGE = b'{"type":%d}' % discord.InteractionResponseType.deferred_channel_message.value
 ALREADY_ACKNOWLEDGED = 40060  # Discord's error code when a callback is sent twice
 FORGET_AFTER_S = 60.0  # an unclaimed early deferral (the command never ran) is dropped then
 HOLD_MAX_S = 0.5  # longest discord.py's handling of an event waits behind early deferrals
@@ -49,7 +50,9 @@ class _Connection(asyncio.Protocol):
     def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.reply: asyncio.Future[int] | None = None
+        self.status = 0
         self.buffer = bytearray()
+        self.expected = 0  # bytes of the whole response, once its head is parsed (0: not yet)
         self.reusable = False
         self.closed = False
         self.idle_since = 0.0
@@ -64,7 +67,7 @@ class _Connection(asyncio.Protocol):
 
     def send(self, request: bytes, reply: asyncio.Future[int]) -> None:
         assert self.transport is not None
-        self.reply, self.buffer, self.reusable = reply, bytearray(), False
+        self.reply, self.buffer, self.expected, self.reusable = reply, bytearray(), 0, False
         self.transport.write(request)
 
     def close(self) -> None:
@@ -74,30 +77,40 @@ class _Connection(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0 or self.reply is None or self.reply.done():
+        if self.reply is None or self.reply.done():
             return
+        if not self.expected and not self._parse_head():
+            return
+        if len(self.buffer) >= self.expected:
+            self.reply.set_result(self.status)
+
+    def _parse_head(self) -> bool:
+        """Parse the status line and headers once they are in; False while they are not (or
+        when the reply is already settled: a malformed or unframed response)."""
+        assert self.reply is not None
+        end = self.buffer.find(b"\r\n\r\n")
+        if end < 0:
+            return False
         lines = bytes(self.buffer[:end]).decode("latin-1").split("\r\n")
         version, _, rest = lines[0].partition(" ")
         try:
-            status = int(rest[:3])
+            self.status = int(rest[:3])
         except ValueError:
             self.reply.set_exception(ConnectionError(f"not an HTTP response: {lines[0][:60]!r}"))
             self.close()
-            return
+            return False
         headers = {}
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip().lower()
-        length = "0" if status in (204, 304) else headers.get("content-length", "")
+        length = "0" if self.status in (204, 304) else headers.get("content-length", "")
         if not length.isdigit():  # chunked or read-until-close: only the status matters, so drop the connection
-            self.reply.set_result(status)
+            self.reply.set_result(self.status)
             self.close()
-            return
-        if len(self.buffer) < end + 4 + int(length):
-            return  # the rest of the body is on its way
+            return False
+        self.expected = end + 4 + int(length)
         self.reusable = version == "HTTP/1.1" and headers.get("connection") != "close"
-        self.reply.set_result(status)
+        return True
 
 
 class CallbackClient:

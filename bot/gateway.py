@@ -153,7 +153,6 @@ class InteractionResponder:
 
     async def error(self, message: str) -> None:
         await self.throttle.close()
-        await self.bot.settle_early_ack(self.interaction)
         if self.token_expired():
             log.warning("job %s: %s (interaction expired; not shown)", self.job_id, message)
             return
@@ -167,7 +166,6 @@ class InteractionResponder:
     async def info(self, message: str) -> None:
         """Ephemeral; a long text (a listing) goes out as several messages."""
         await self.throttle.close()  # a pending progress edit must not overwrite this answer
-        await self.bot.settle_early_ack(self.interaction)
         for chunk in split_text(message):
             if self.interaction.response.is_done():
                 await self.interaction.followup.send(chunk, ephemeral=True)
@@ -203,12 +201,6 @@ class AigcBot(ext_commands.Bot):
     async def acknowledge(self, interaction: discord.Interaction) -> None:
         """Defer a generation command with a public "thinking" message (first, always)."""
         await defer_thinking(interaction, self.early_acks)
-
-    async def settle_early_ack(self, interaction: discord.Interaction) -> None:
-        """Before answering an interaction that may have been deferred early (an error raised
-        before its command ran), let discord.py know about that deferral."""
-        if self.early_acks is not None and not interaction.response.is_done():
-            await self.early_acks.claim(interaction)
 
     def _on_job_event(self, event: JobEvent) -> None:
         record = event.record
@@ -306,6 +298,8 @@ class AigcBot(ext_commands.Bot):
         if message is None:
             log.error("command %s failed", interaction.command and interaction.command.name, exc_info=original)
             message = "Something went wrong on the bot's side; the moderators can find details in its log."
+        if self.early_acks is not None and not interaction.response.is_done():
+            await self.early_acks.claim(interaction)  # deferred early, then failed before the command ran
         responder = InteractionResponder(interaction, self)
         await responder.error(message)
 
