@@ -309,7 +309,7 @@ async def run_mode(mode: str, args: argparse.Namespace, data: Path) -> Outcome:
             discord_token=world["token"], discord_application_id=int(world["app_id"]),
             discord_dev_guild_ids=[int(world["guild_id"])], discord_api_base=world["api_base"],
             discord_gateway_url=world["gateway_url"], discord_public_key=world["public_key"], job_timeout_s=3600.0,
-            discord_early_ack=not args.no_early_ack)
+            discord_early_ack=not args.no_early_ack, discord_ack_connections=args.ack_connections)
         lag: list[float] = []
         bot = gateway_bot if mode == "gateway" else http_bot
         async with bot(settings, world, child):
@@ -378,10 +378,15 @@ def main() -> None:
     parser.add_argument("--validate", action="store_true", help="let the fake validate every request (slower)")
     parser.add_argument("--no-early-ack", action="store_true",
                         help="gateway: let discord.py defer (DISCORD_EARLY_ACK=false), to compare")
+    parser.add_argument("--ack-connections", type=int, default=None, metavar="N",
+                        help="DISCORD_ACK_CONNECTIONS for the bot (default: --count, a bot set up for the "
+                             "bursts it gets; the setting's own default is 8)")
     parser.add_argument("--profile", metavar="FILE", help="save a cProfile of the bot's loop during the burst")
     parser.add_argument("--role", choices=["bot", "fake"], default="bot", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["gateway", "http"], help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.ack_connections is None:
+        args.ack_connections = args.count
     if args.role == "fake":
         asyncio.run(fake_main(args))
         return

@@ -21,6 +21,7 @@ this client never holds a secret; its log lines name the interaction id only.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import ssl
 import time
@@ -53,7 +54,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.buffer = bytearray()
         self.expected = 0  # bytes of the whole response, once its head is parsed (0: not yet)
-        self.reusable = False
+        self.reusable = True  # until a response says otherwise
         self.closed = False
         self.idle_since = 0.0
 
@@ -113,16 +114,25 @@ class _Connection(asyncio.Protocol):
         return True
 
 
+def _time_out(reply: asyncio.Future[int], seconds: float) -> None:
+    if not reply.done():
+        reply.set_exception(TimeoutError(f"no response within {seconds:g} s"))
+
+
 class CallbackClient:
     """POSTs small JSON bodies to one API base over kept-alive HTTP/1.1 connections.
 
     A request takes an idle connection (the most recently used, least likely to have been
-    closed by the server) or opens one; a burst of N requests opens N. At most ``max_idle``
-    connections are kept, each for ``idle_s`` seconds.
+    closed by the server) or opens one; a burst of N requests with no idle connection opens
+    N. At most ``max(max_idle, warm)`` connections are kept, each for ``idle_s`` seconds.
+
+    `keep_warm` keeps ``warm`` connections open ahead of need, replacing the expired ones:
+    against Discord a new connection costs a TCP and a TLS handshake (two round trips) before
+    the request can go, and here in a burst it is most of the bot's CPU per request.
     """
 
-    def __init__(self, api_base: str, user_agent: str, *, max_idle: int = 32, idle_s: float = 30.0,
-                 timeout_s: float = 5.0) -> None:
+    def __init__(self, api_base: str, user_agent: str, *, warm: int = 0, max_idle: int = 32,
+                 idle_s: float = 30.0, timeout_s: float = 2.0) -> None:
         url = yarl.URL(api_base)
         if url.scheme not in ("http", "https") or not url.host:
             raise ValueError(f"not an http(s) URL: {api_base!r}")
@@ -133,33 +143,118 @@ class CallbackClient:
         if not url.is_default_port():
             host_header = f"{host_header}:{url.port}"
         self._head = f"Host: {host_header}\r\nUser-Agent: {user_agent}\r\nContent-Type: application/json\r\n"
-        self.max_idle, self.idle_s, self.timeout_s = max_idle, idle_s, timeout_s
+        self.warm, self.max_idle = warm, max(max_idle, warm)
+        self.idle_s, self.timeout_s = idle_s, timeout_s
         self._idle: list[_Connection] = []
+        self._busy = 0  # connections carrying a request
+        self._opening = 0  # connections being opened by `top_up`
+        self._keeper: asyncio.Task[None] | None = None
+        self._connecting: set[asyncio.Task[None]] = set()  # requests waiting for a new connection
         self.opened = 0  # connections opened so far (tests and the bench read it)
 
-    async def post(self, path: str, body: bytes) -> int:
-        """The response status of ``POST {api_base}{path}``. Raises OSError/TimeoutError."""
+    def post(self, path: str, body: bytes) -> asyncio.Future[int]:
+        """Send ``POST {api_base}{path}``; the future gets the response status, or OSError or
+        TimeoutError (after ``timeout_s`` in all). On an idle connection the request is written
+        before this returns."""
+        loop = asyncio.get_running_loop()
         request = (f"POST {self._prefix}{path} HTTP/1.1\r\n{self._head}"
                    f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-        connection = self._take_idle() or await self._open()
-        reply: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        connection.send(request, reply)
-        try:
-            status = await asyncio.wait_for(reply, self.timeout_s)
-        except BaseException:
-            connection.close()
-            raise
-        if connection.reusable and not connection.closed and len(self._idle) < self.max_idle:
-            connection.idle_since = time.monotonic()
-            self._idle.append(connection)
+        reply: asyncio.Future[int] = loop.create_future()
+        carrier: list[_Connection] = []  # the connection, once the request has one
+        timer = loop.call_later(self.timeout_s, _time_out, reply, self.timeout_s)
+
+        def finished(reply: asyncio.Future[int]) -> None:  # runs before whoever awaits the reply
+            timer.cancel()
+            self._busy -= 1
+            if not carrier:
+                return
+            if reply.cancelled() or reply.exception() is not None:
+                carrier[0].close()  # a late response must not be read as the next request's
+            else:
+                self._put_idle(carrier[0])
+
+        reply.add_done_callback(finished)
+        self._busy += 1
+        connection = self._take_idle()
+        if connection is not None:
+            carrier.append(connection)
+            connection.send(request, reply)
         else:
+            task = loop.create_task(self._open_and_send(request, reply, carrier))
+            self._connecting.add(task)
+            task.add_done_callback(self._connecting.discard)
+        return reply
+
+    async def _open_and_send(self, request: bytes, reply: asyncio.Future[int], carrier: list[_Connection]) -> None:
+        try:
+            connection = await self._open()
+        except (OSError, TimeoutError) as exc:
+            if not reply.done():
+                reply.set_exception(exc)
+            return
+        except asyncio.CancelledError:  # the client is closing
+            reply.cancel()
+            raise
+        if reply.done():  # timed out or cancelled meanwhile; the connection is still good
+            self._put_idle(connection)
+            return
+        carrier.append(connection)
+        connection.send(request, reply)
+
+    @property
+    def open_connections(self) -> int:
+        """Connections open now: idle ones and those carrying (or opening for) a request."""
+        return len(self._idle) + self._busy
+
+    def keep_warm(self) -> None:
+        """Keep ``warm`` connections open from now on (a task on the running loop)."""
+        if self.warm and self._keeper is None:
+            self._keeper = asyncio.get_running_loop().create_task(self._keep_warm())
+
+    async def _keep_warm(self) -> None:
+        while True:
+            await self.top_up()
+            await asyncio.sleep(self.idle_s / 3)  # so an expired connection is soon replaced
+
+    async def top_up(self) -> int:
+        """Open connections until ``warm`` are open, idle or in use; returns how many opened."""
+        now = time.monotonic()
+        for connection in [c for c in self._idle if c.closed or now - c.idle_since >= self.idle_s]:
+            self._idle.remove(connection)
             connection.close()
-        return status
+        missing = self.warm - len(self._idle) - self._busy - self._opening
+        if missing <= 0:
+            return 0
+        self._opening += missing
+        try:
+            results = await asyncio.gather(*(self._open() for _ in range(missing)), return_exceptions=True)
+        finally:
+            self._opening -= missing
+        opened = [c for c in results if isinstance(c, _Connection)]
+        if len(opened) < missing:
+            failure = next(r for r in results if not isinstance(r, _Connection))
+            log.info("could open only %d of %d warm API connections (%s); retrying in %.0f s",
+                     len(opened), missing, type(failure).__name__, self.idle_s / 3)
+        for connection in opened:
+            self._put_idle(connection, front=True)  # unused: after the most recently used
+        return len(opened)
 
     def close(self) -> None:
+        if self._keeper is not None:
+            self._keeper.cancel()
+            self._keeper = None
+        for task in self._connecting:
+            task.cancel()
         for connection in self._idle:
             connection.close()
         self._idle.clear()
+
+    def _put_idle(self, connection: _Connection, *, front: bool = False) -> None:
+        if connection.reusable and not connection.closed and len(self._idle) < self.max_idle:
+            connection.idle_since = time.monotonic()
+            self._idle.insert(0 if front else len(self._idle), connection)
+        else:
+            connection.close()
 
     def _take_idle(self) -> _Connection | None:
         now = time.monotonic()
@@ -195,7 +290,7 @@ class EarlyAcks:
     def __init__(self, client: CallbackClient, commands: frozenset[str]) -> None:
         self.client = client
         self.commands = commands
-        self._pending: dict[int, asyncio.Task[bool]] = {}
+        self._pending: dict[int, asyncio.Future[int]] = {}
         self._in_flight = 0
         self._held: deque[tuple[Callable[[Any], None], Any]] = deque()
         self._drain_timer: asyncio.Handle | None = None  # when held events are next handed on
@@ -233,31 +328,29 @@ class EarlyAcks:
             interaction_id, token = int(data["id"]), str(data["token"])
         except (KeyError, TypeError, ValueError):
             return False  # discord.py rejects such a payload itself
-        loop = asyncio.get_running_loop()
         self._in_flight += 1
         if self._held and not self._draining:  # not quiet after all: back to the cap
             self._drain_at(self._held_since + HOLD_MAX_S)
-        self._pending[interaction_id] = loop.create_task(self._send(interaction_id, token))
-        loop.call_later(FORGET_AFTER_S, self._pending.pop, interaction_id, None)
+        reply = self.client.post(f"/interactions/{interaction_id}/{token}/callback", DEFERRED_CHANNEL_MESSAGE)
+        reply.add_done_callback(functools.partial(self._sent, interaction_id))
+        self._pending[interaction_id] = reply
+        asyncio.get_running_loop().call_later(FORGET_AFTER_S, self._pending.pop, interaction_id, None)
         return True
 
-    async def _send(self, interaction_id: int, token: str) -> bool:
-        try:
-            status = await self.client.post(f"/interactions/{interaction_id}/{token}/callback",
-                                            DEFERRED_CHANNEL_MESSAGE)
-        except (OSError, TimeoutError) as exc:
+    def _sent(self, interaction_id: int, reply: asyncio.Future[int]) -> None:
+        self._in_flight -= 1
+        if not self._in_flight and self._held and not self._draining:
+            self._drain_at(min(asyncio.get_running_loop().time() + QUIET_S, self._held_since + HOLD_MAX_S))
+        if reply.cancelled():
+            return
+        if (exc := reply.exception()) is not None:
             log.info("early deferral of interaction %s failed (%s); deferring through discord.py",
                      interaction_id, type(exc).__name__)
-            return False
-        finally:
-            self._in_flight -= 1
-            if not self._in_flight and self._held and not self._draining:
-                self._drain_at(min(asyncio.get_running_loop().time() + QUIET_S, self._held_since + HOLD_MAX_S))
-        if 200 <= status < 300:
+        elif 200 <= reply.result() < 300:
             self.deferred += 1
-            return True
-        log.info("early deferral of interaction %s got HTTP %s; deferring through discord.py", interaction_id, status)
-        return False
+        else:
+            log.info("early deferral of interaction %s got HTTP %s; deferring through discord.py",
+                     interaction_id, reply.result())
 
     def _hold(self, parse: Callable[[Any], None], data: Any) -> None:
         if not self._held and not self._draining:
@@ -288,15 +381,21 @@ class EarlyAcks:
 
     async def claim(self, interaction: discord.Interaction) -> bool:
         """Whether ``interaction`` was deferred early; if so its response now counts as done."""
-        task = self._pending.pop(interaction.id, None)
-        if task is None or not await task:
+        reply = self._pending.pop(interaction.id, None)
+        if reply is None:
+            return False
+        try:
+            status = await asyncio.shield(reply)  # a cancelled command leaves the connection alone
+        except (OSError, TimeoutError):
+            return False
+        if not 200 <= status < 300:
             return False
         mark_deferred(interaction)
         return True
 
     def close(self) -> None:
-        for task in self._pending.values():
-            task.cancel()
+        for reply in self._pending.values():
+            reply.cancel()
         self._pending.clear()
         if self._drain_timer is not None:
             self._drain_timer.cancel()

@@ -267,9 +267,11 @@ class AigcBot(ext_commands.Bot):
         await setup_cogs(self)
         await self.sync_commands()
         if self.settings.discord_early_ack and self.http.proxy is None:
-            client = CallbackClient(self.settings.discord_api_base, self.http.user_agent)
+            client = CallbackClient(self.settings.discord_api_base, self.http.user_agent,
+                                    warm=self.settings.discord_ack_connections)
             self.early_acks = EarlyAcks(client, EARLY_ACK_COMMANDS)
             self.early_acks.install(self._connection.parsers)
+            client.keep_warm()
 
     async def sync_commands(self) -> None:
         guild_ids = self.settings.discord_dev_guild_ids

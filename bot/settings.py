@@ -125,6 +125,11 @@ class Settings(BaseSettings):
         description="Defer /chat, /imagine and /speak straight from the gateway payload over kept-alive "
         "connections (bot.early_ack); false: defer through discord.py only.",
     )
+    discord_ack_connections: int = Field(
+        8, ge=0, le=1024, validation_alias=_env("DISCORD_ACK_CONNECTIONS"),
+        description="API connections the early deferral keeps open ahead of need: about the largest burst "
+        "of commands expected at once (each new connection costs a TCP and a TLS handshake first).",
+    )
     discord_gateway_url: str = Field(
         "wss://gateway.discord.gg/", validation_alias=_env("DISCORD_GATEWAY_URL")
     )

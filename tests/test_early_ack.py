@@ -4,6 +4,7 @@ and early deferrals through the real discord.py bot and the fake Discord."""
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -50,6 +51,13 @@ async def server() -> AsyncIterator[Callable[..., Awaitable[tuple[str, list[dict
 
 async def no_content(request: web.Request) -> web.Response:
     return web.Response(status=204)
+
+
+async def wait_for(condition: Callable[[], bool], timeout: float = 2.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not condition():
+        assert asyncio.get_running_loop().time() < deadline, "timed out"
+        await asyncio.sleep(0.01)
 
 
 @pytest.mark.asyncio
@@ -129,6 +137,42 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced(server: Any
     assert await client.post("/two", b"{}") == 204
     client.close()
     assert client.opened == 2 and seen[0]["port"] != seen[1]["port"]
+
+
+@pytest.mark.asyncio
+async def test_warm_connections_are_opened_ahead_used_by_a_burst_and_renewed(server: Any) -> None:
+    async def slow(request: web.Request) -> web.Response:
+        await asyncio.sleep(0.05)  # all 3 are in flight at once
+        return web.Response(status=204)
+
+    base, seen = await server(slow)
+    client = CallbackClient(base, "ua", warm=3, idle_s=0.6)
+    client.keep_warm()
+    await wait_for(lambda: client.open_connections == 3)
+    assert client.opened == 3 and not seen  # opened, nothing sent yet
+    statuses = await asyncio.gather(*(client.post(f"/interactions/{i}/t/callback", b"{}") for i in range(3)))
+    assert statuses == [204] * 3 and client.opened == 3  # the burst found them open
+    assert len({r["port"] for r in seen}) == 3
+    # Expired connections are replaced, so a burst never meets a stale one.
+    await wait_for(lambda: client.opened == 6, timeout=3.0)
+    assert client.open_connections == 3
+    assert await client.post("/later", b"{}") == 204
+    assert seen[-1]["port"] not in {r["port"] for r in seen[:3]}
+    client.close()
+    assert client.open_connections == 0
+
+
+@pytest.mark.asyncio
+async def test_warm_connections_retry_when_the_api_is_unreachable(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="bot.early_ack")
+    dead = "http://127.0.0.1:9/api/v10"  # the discard port: nothing listens
+    client = CallbackClient(dead, "ua", warm=2, idle_s=0.3)
+    assert await client.top_up() == 0 and client.open_connections == 0
+    assert "could open only 0 of 2 warm API connections" in caplog.text
+    with pytest.raises(OSError):
+        await client.post("/x", b"{}")
+    assert client.open_connections == 0  # nothing leaked by the failed request
+    client.close()
 
 
 @pytest.mark.asyncio
