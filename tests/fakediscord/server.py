@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import copy
+import functools
 import hashlib
 import itertools
 import json
@@ -317,14 +318,21 @@ class _Call:
 
 
 _Handler = Callable[["FakeDiscord", _Call], Awaitable[tuple[int, Any]]]
-_ROUTES: list[tuple[str, re.Pattern[str], str, bool]] = []  # method, regex, handler, needs auth
+# (method, number of path segments) -> [(regex, handler, needs auth)], in declaration order:
+# a request is matched only against the routes of its own shape.
+_ROUTES: dict[tuple[str, int], list[tuple[re.Pattern[str], str, bool]]] = {}
+
+
+def _segments(path: str) -> int:
+    return path.strip("/").count("/") + 1
 
 
 def _route(method: str, path: str, *, auth: bool = True) -> Callable[[T], T]:
     regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
 
     def register(func: T) -> T:
-        _ROUTES.append((method, re.compile(f"^{regex}$"), func.__name__, auth))  # type: ignore[attr-defined]
+        routes = _ROUTES.setdefault((method, _segments(path)), [])
+        routes.append((re.compile(f"^{regex}$"), func.__name__, auth))  # type: ignore[attr-defined]
         return func
 
     return register
@@ -1269,8 +1277,13 @@ class FakeDiscord:
             "X-RateLimit-Remaining": "4",
             "X-RateLimit-Reset": f"{time.time() + reset_after:.3f}",
             "X-RateLimit-Reset-After": f"{reset_after:.3f}",
-            "X-RateLimit-Bucket": hashlib.sha1(bucket_key.encode()).hexdigest()[:32],
+            "X-RateLimit-Bucket": self._bucket_hash(bucket_key),
         }
+
+    @staticmethod
+    @functools.lru_cache(maxsize=1024)
+    def _bucket_hash(bucket_key: str) -> str:
+        return hashlib.sha1(bucket_key.encode()).hexdigest()[:32]
 
     @staticmethod
     def _json_response(status: int, body: Any, headers: dict[str, str]) -> web.Response:
@@ -1282,6 +1295,7 @@ class FakeDiscord:
         return web.Response(status=status, body=orjson.dumps(body, option=orjson.OPT_NON_STR_KEYS), headers=headers)
 
     async def _handle_api(self, request: web.Request) -> web.StreamResponse:
+        self.gateway.rest_request_started()
         path = request.path[len(API_PREFIX) :] or "/"
         ctype = request.headers.get("Content-Type", "")
         media = ctype.split(";")[0].strip().lower()
@@ -1376,9 +1390,7 @@ class FakeDiscord:
         return 429, body, headers
 
     def _find_handler(self, method: str, path: str) -> tuple[_Handler | None, dict[str, str], bool]:
-        for route_method, regex, name, auth in _ROUTES:
-            if route_method != method:
-                continue
+        for regex, name, auth in _ROUTES.get((method, _segments(path)), ()):
             m = regex.match(path)
             if m:
                 return getattr(FakeDiscord, name), m.groupdict(), auth
@@ -1693,7 +1705,7 @@ class FakeDiscord:
             payload = data
             if not sees_content:
                 payload = dict(data, content="", embeds=[], attachments=[], components=[])
-            await self.gateway.send_dispatch(session, event, payload)
+            self.gateway.defer_dispatch(session, event, payload)
         self._notify()
 
     # -- REST: users, gateway, application ----------------------------------------------
