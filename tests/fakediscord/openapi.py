@@ -386,9 +386,11 @@ class DiscordSpec:
         self._routes.sort(key=lambda r: (-r.literals, r.template))
         # A parameter matches exactly one segment, so only templates with as many segments
         # as the path can match: the fake looks up every request, keep that cheap.
-        self._by_length: dict[int, list[_Route]] = {}
+        # And Discord's templates all start with a literal: bucket on it too.
+        self._by_shape: dict[tuple[int, str], list[_Route]] = {}
         for route in self._routes:
-            self._by_length.setdefault(route.template.strip("/").count("/") + 1, []).append(route)
+            segments = route.template.strip("/").split("/")
+            self._by_shape.setdefault((len(segments), segments[0]), []).append(route)
 
     # -- lookup -------------------------------------------------------------------------
 
@@ -398,7 +400,8 @@ class DiscordSpec:
         The operation is None when the path exists but not with this method; the template
         is None when no path matches at all.
         """
-        for route in self._by_length.get(path.strip("/").count("/") + 1, ()):
+        segments = path.strip("/").split("/")
+        for route in self._by_shape.get((len(segments), segments[0]), ()):
             m = route.pattern.match(path)
             if m:
                 return route.operations.get(method.upper()), m.groupdict(), route.template
