@@ -14,6 +14,12 @@ keeps its connections alive. The command then *claims* it (`EarlyAcks.claim`) in
 deferring. When the early deferral failed (a network error, a 429, any other status) the
 command defers through discord.py as before, which handles rate limits and reports errors.
 
+Connections are what a burst costs most, here and against Discord (a TCP and a TLS
+handshake each): the client keeps ``DISCORD_ACK_CONNECTIONS`` of them open ahead of need,
+renewed before they grow stale, and writes a deferral on an idle one the moment its payload
+is seen (no task, no await), so the first requests are on their way while the rest of the
+burst is still being read.
+
 The callback route carries the interaction token in its path and needs no bot token, so
 this client never holds a secret; its log lines name the interaction id only.
 """

@@ -53,6 +53,11 @@ async def no_content(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+async def slow_no_content(request: web.Request) -> web.Response:
+    await asyncio.sleep(0.05)  # long enough for a burst's requests to be in flight together
+    return web.Response(status=204)
+
+
 async def wait_for(condition: Callable[[], bool], timeout: float = 2.0) -> None:
     deadline = asyncio.get_running_loop().time() + timeout
     while not condition():
@@ -114,11 +119,7 @@ async def test_connection_close_and_chunked_replies_are_not_reused(server: Any) 
 
 @pytest.mark.asyncio
 async def test_a_burst_opens_a_connection_per_request_and_keeps_a_few(server: Any) -> None:
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.05)  # all 20 are in flight at once
-        return web.Response(status=204)
-
-    base, seen = await server(slow)
+    base, seen = await server(slow_no_content)  # all 20 are in flight at once
     client = CallbackClient(base, "ua", max_idle=4)
     statuses = await asyncio.gather(*(client.post(f"/interactions/{i}/t/callback", b"{}") for i in range(20)))
     assert statuses == [204] * 20 and client.opened == 20
@@ -141,11 +142,7 @@ async def test_a_connection_the_server_closed_while_idle_is_replaced(server: Any
 
 @pytest.mark.asyncio
 async def test_warm_connections_are_opened_ahead_used_by_a_burst_and_renewed(server: Any) -> None:
-    async def slow(request: web.Request) -> web.Response:
-        await asyncio.sleep(0.05)  # all 3 are in flight at once
-        return web.Response(status=204)
-
-    base, seen = await server(slow)
+    base, seen = await server(slow_no_content)  # all 3 are in flight at once
     client = CallbackClient(base, "ua", warm=3, idle_s=0.6)
     client.keep_warm()
     await wait_for(lambda: client.open_connections == 3)
