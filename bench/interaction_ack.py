@@ -4,11 +4,14 @@
     .venv/bin/python bench/interaction_ack.py --tiny       # the tiny test model, for a smoke check
     .venv/bin/python bench/interaction_ack.py --modes gateway --count 50
     .venv/bin/python bench/interaction_ack.py --modes gateway --no-early-ack   # discord.py's defer
+    .venv/bin/python bench/interaction_ack.py --modes gateway --ack-connections 8  # the setting's default
 
 For each mode, against the protocol-level fake Discord from the tests:
 
-1. start the bot — gateway: the real `AigcBot` (discord.py) over the fake gateway; http: the
-   real `bot.http_app` endpoint on loopback — with the real text generator;
+1. start the bot — gateway: the real `AigcBot` (discord.py) over the fake gateway, with
+   ``DISCORD_ACK_CONNECTIONS`` = the burst size (``--ack-connections``), as an operator who
+   expects such bursts would set it; http: the real `bot.http_app` endpoint on loopback —
+   with the real text generator;
 2. start one long generation and wait until the model streams tokens;
 3. dispatch ``--count`` ``/chat`` interactions at once, spread over ``--users`` fake users
    (the per-user pending limit keeps its default);
