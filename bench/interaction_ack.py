@@ -342,7 +342,8 @@ async def run_mode(mode: str, args: argparse.Namespace, data: Path) -> Outcome:
 def report(outcomes: list[Outcome], args: argparse.Namespace) -> None:
     print(f"\nmodel: {args.model_label}; {args.count} /chat interactions at once over {args.users} users, "
           f"max_tokens {args.max_tokens}, while one {args.busy_tokens}-token generation runs; "
-          f"{os.cpu_count()} CPUs; fake in its own process, spec validation {'on' if args.validate else 'off'}\n")
+          f"{os.cpu_count()} CPUs; fake in its own process, spec validation {'on' if args.validate else 'off'}; "
+          f"gateway: DISCORD_ACK_CONNECTIONS={args.ack_connections}\n")
     print("| mode | ack p50 ms | ack p90 ms | ack p99 ms | ack max ms | not acked / > 3 s | final / refused / "
           "unanswered | all answered after s | bot loop lag p99 / max ms | spec problems |")
     print("|---|---|---|---|---|---|---|---|---|---|")
