@@ -130,11 +130,15 @@ class GatewayConnection:
     ws: web.WebSocketResponse
     compressor: _Compressor
     fragment_size: int | None
-    transport: asyncio.BaseTransport | None = None  # the upgraded connection's, written to directly
+    transport: asyncio.Transport | None = None  # the upgraded connection's, written to directly
     session: GatewaySession | None = None
     heartbeats: int = 0
 
     async def send(self, payload: dict[str, Any]) -> None:
+        """Send one payload (see `write`)."""
+        self.write(payload)
+
+    def write(self, payload: dict[str, Any]) -> None:
         """Serialize, compress and send one payload.
 
         Frames are written whole and at once, straight to the transport: no await between
@@ -148,10 +152,10 @@ class GatewayConnection:
         # orjson: as fast as the fake can serialize.
         encoded = self.compressor.encode(orjson.dumps(payload, option=orjson.OPT_NON_STR_KEYS))
         if isinstance(encoded, str):
-            transport.write(_frame(_TEXT, encoded.encode()))  # type: ignore[attr-defined]
+            transport.write(_frame(_TEXT, encoded.encode()))
             return
         if not self.fragment_size:
-            transport.write(_frame(_BINARY, encoded))  # type: ignore[attr-defined]
+            transport.write(_frame(_BINARY, encoded))
             return
         # Discord may split one zlib message over several frames; the client buffers until
         # a frame ends in the 00 00 ff ff suffix. Keep the whole suffix in the last frame:
@@ -159,7 +163,7 @@ class GatewayConnection:
         body, step = encoded[:-4], self.fragment_size
         frames = [body[i : i + step] for i in range(0, len(body), step)] or [b""]
         frames[-1] += encoded[-4:]
-        transport.write(b"".join(_frame(_BINARY, frame) for frame in frames))  # type: ignore[attr-defined]
+        transport.write(b"".join(_frame(_BINARY, frame) for frame in frames))
 
     def send_many(self, payloads: list[dict[str, Any]]) -> None:
         """Send ``payloads`` in order, in one write when the stream is not fragmented."""
@@ -168,10 +172,10 @@ class GatewayConnection:
             return
         if self.fragment_size or self.compressor.mode != "zlib-stream":
             for payload in payloads:  # the rare test configurations: one at a time
-                asyncio.get_running_loop().create_task(self.send(payload))
+                self.write(payload)
             return
         encode, dumps = self.compressor.encode, orjson.dumps
-        transport.write(b"".join(  # type: ignore[attr-defined]
+        transport.write(b"".join(
             _frame(_BINARY, encode(dumps(p, option=orjson.OPT_NON_STR_KEYS))) for p in payloads))  # type: ignore[arg-type]
 
 
