@@ -154,7 +154,8 @@ error codes are used (10003/10008/10015/10062 unknown channel/message/webhook/in
 40060 already acknowledged, 50006 empty message, 50035 invalid form body, 50013 missing
 permissions, 40005 file over ``attachment_size_limit``); message content is capped at 2000
 characters; bot messages are echoed as MESSAGE_CREATE/UPDATE/DELETE to sessions with the
-matching intent.
+matching intent, as on Discord a moment after the REST call: together, once no REST request
+has started for 2 ms (at most 0.1 s later), and always before any other gateway event.
 """
 
 from . import payloads
