@@ -225,7 +225,7 @@ class CallbackClient:
     async def top_up(self) -> int:
         """Open connections until ``warm`` are open, idle or in use; returns how many opened."""
         now = time.monotonic()
-        for connection in [c for c in self._idle if c.closed or now - c.idle_since >= self.idle_s]:
+        for connection in [c for c in self._idle if not self._fresh(c, now)]:
             self._idle.remove(connection)
             connection.close()
         missing = self.warm - len(self._idle) - self._busy - self._opening
@@ -262,11 +262,15 @@ class CallbackClient:
         else:
             connection.close()
 
+    def _fresh(self, connection: _Connection, now: float) -> bool:
+        """Open, and idle for less than ``idle_s`` (older ones may have been dropped silently)."""
+        return not connection.closed and now - connection.idle_since < self.idle_s
+
     def _take_idle(self) -> _Connection | None:
         now = time.monotonic()
         while self._idle:
             connection = self._idle.pop()
-            if not connection.closed and now - connection.idle_since < self.idle_s:
+            if self._fresh(connection, now):
                 return connection
             connection.close()
         return None
