@@ -101,6 +101,14 @@ class _Route:
     operations: dict[str, Operation] = field(default_factory=dict)
 
 
+def path_shape(path: str) -> tuple[int, str]:
+    """(number of segments, first segment) of a path or template: a parameter matches exactly
+    one segment, and Discord's routes all start with a literal, so only templates of the same
+    shape can match a path."""
+    segments = path.strip("/").split("/")
+    return len(segments), segments[0]
+
+
 def _pointer(*parts: str) -> str:
     escaped = (p.replace("~", "~0").replace("/", "~1") for p in parts)
     return SPEC_URI + "#" + quote("/" + "/".join(escaped), safe="/~")
@@ -384,13 +392,10 @@ class DiscordSpec:
             self._routes.append(route)
         # Literal segments beat parameters (/users/@me before /users/{user_id}).
         self._routes.sort(key=lambda r: (-r.literals, r.template))
-        # A parameter matches exactly one segment, so only templates with as many segments
-        # as the path can match: the fake looks up every request, keep that cheap.
-        # And Discord's templates all start with a literal: bucket on it too.
+        # The fake looks up every request: only templates of the path's shape are tried.
         self._by_shape: dict[tuple[int, str], list[_Route]] = {}
         for route in self._routes:
-            segments = route.template.strip("/").split("/")
-            self._by_shape.setdefault((len(segments), segments[0]), []).append(route)
+            self._by_shape.setdefault(path_shape(route.template), []).append(route)
 
     # -- lookup -------------------------------------------------------------------------
 
@@ -400,8 +405,7 @@ class DiscordSpec:
         The operation is None when the path exists but not with this method; the template
         is None when no path matches at all.
         """
-        segments = path.strip("/").split("/")
-        for route in self._by_shape.get((len(segments), segments[0]), ()):
+        for route in self._by_shape.get(path_shape(path), ()):
             m = route.pattern.match(path)
             if m:
                 return route.operations.get(method.upper()), m.groupdict(), route.template

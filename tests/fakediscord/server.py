@@ -28,7 +28,7 @@ from nacl.signing import SigningKey
 
 from . import payloads as P
 from .gateway import GatewayServer, GatewaySession
-from .openapi import load_spec, validate_interaction
+from .openapi import load_spec, path_shape, validate_interaction
 
 API_PREFIX = "/api/v10"
 JSON_TYPE = "application/json"
@@ -318,20 +318,16 @@ class _Call:
 
 
 _Handler = Callable[["FakeDiscord", _Call], Awaitable[tuple[int, Any]]]
-# (method, number of path segments) -> [(regex, handler, needs auth)], in declaration order:
-# a request is matched only against the routes of its own shape.
-_ROUTES: dict[tuple[str, int], list[tuple[re.Pattern[str], str, bool]]] = {}
-
-
-def _segments(path: str) -> int:
-    return path.strip("/").count("/") + 1
+# (method, path shape) -> [(regex, handler, needs auth)], in declaration order: a request is
+# matched only against the routes of its own shape.
+_ROUTES: dict[tuple[str, tuple[int, str]], list[tuple[re.Pattern[str], str, bool]]] = {}
 
 
 def _route(method: str, path: str, *, auth: bool = True) -> Callable[[T], T]:
     regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]+)", path)
 
     def register(func: T) -> T:
-        routes = _ROUTES.setdefault((method, _segments(path)), [])
+        routes = _ROUTES.setdefault((method, path_shape(path)), [])
         routes.append((re.compile(f"^{regex}$"), func.__name__, auth))  # type: ignore[attr-defined]
         return func
 
@@ -1390,7 +1386,7 @@ class FakeDiscord:
         return 429, body, headers
 
     def _find_handler(self, method: str, path: str) -> tuple[_Handler | None, dict[str, str], bool]:
-        for regex, name, auth in _ROUTES.get((method, _segments(path)), ()):
+        for regex, name, auth in _ROUTES.get((method, path_shape(path)), ()):
             m = regex.match(path)
             if m:
                 return getattr(FakeDiscord, name), m.groupdict(), auth
