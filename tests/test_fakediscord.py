@@ -470,6 +470,68 @@ async def test_late_callback_is_unknown_interaction() -> None:
         assert not fake.problems()
 
 
+@pytest.mark.asyncio
+async def test_arrival_is_when_the_first_bytes_were_read() -> None:
+    """``arrived`` is when a request began to arrive, ``time`` when the fake handled it; the
+    next request on a kept-alive connection gets its own stamp."""
+    async with FakeDiscord() as fake:
+        reader, writer = await asyncio.open_connection(fake.host, fake.port)
+
+        def request(path: str, body: bytes = b"") -> bytes:
+            return (f"POST /api/v10{path} HTTP/1.1\r\nHost: {fake.host}\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\nAuthorization: Bot {fake.token}\r\n\r\n").encode() + body
+
+        async def answer() -> int:
+            status = int((await reader.readline()).split()[1])
+            length = 0
+            while (line := await reader.readline()) != b"\r\n":
+                if line.lower().startswith(b"content-length:"):
+                    length = int(line.split(b":")[1])
+            await reader.readexactly(length)
+            return status
+
+        loop = asyncio.get_running_loop()
+        first = request(f"/channels/{fake.channel_id}/messages", json.dumps({"content": "split"}).encode())
+        sent = loop.time()
+        writer.write(first[:-5])  # the rest follows 0.2 s later
+        await asyncio.sleep(0.2)
+        writer.write(first[-5:])
+        assert await answer() == 200
+        await asyncio.sleep(0.1)
+        again = loop.time()
+        writer.write(request(f"/channels/{fake.channel_id}/typing"))
+        assert await answer() == 204
+        writer.close()
+
+    one, two = fake.requests
+    assert one.arrived is not None and sent <= one.arrived < sent + 0.1 and one.time >= one.arrived + 0.2
+    assert two.arrived is not None and again <= two.arrived <= two.time
+
+
+@pytest.mark.asyncio
+async def test_burst_dispatched_at_once(fake_discord: FakeDiscord) -> None:
+    fake = fake_discord
+    client, tree, guild = make_client(fake)
+    deferred: list[int] = []
+
+    @tree.command(name="ping", description="Ping", guild=guild)
+    async def ping(interaction: discord.Interaction) -> None:
+        await interaction.response.defer()
+        deferred.append(interaction.id)
+
+    async with running_client(client, fake):
+        await tree.sync(guild=guild)
+        [session] = fake.gateway.sessions.values()
+        seq = session.seq
+        burst = await fake.dispatch_interactions([fake.slash_command("ping") for _ in range(5)])
+        await fake.wait_until(lambda: len(deferred) == 5)
+
+    assert len({i.created for i in burst}) == 1  # one write: one dispatch time
+    assert sorted(deferred) == sorted(int(i.id) for i in burst)
+    assert [f["s"] for f in session.backlog if f["t"] == "INTERACTION_CREATE"][-5:] == list(range(seq + 1, seq + 6))
+    assert all(fake.callbacks(i) == [{"type": 5}] for i in burst)
+
+
 def test_builders_match_discord_docs() -> None:
     fake = FakeDiscord()
     attachment = fake.store_attachment("in.png", PNG, "image/png")

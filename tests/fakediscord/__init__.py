@@ -89,6 +89,8 @@ Delivery:
 - ``await dispatch_interaction(payload, timeout=5.0)`` -> :class:`FakeInteraction` (``.id``,
   ``.token``, ``.payload``, ``.callbacks``...): waits for a connected gateway session, sends
   INTERACTION_CREATE.
+- ``await dispatch_interactions(payloads, timeout=5.0)`` -> ``list[FakeInteraction]``: a burst,
+  encoded first and then written at once (one write per connection); ``created`` is that moment.
 - ``await post_interaction(url, payload, *, signer=None, timestamp=None, tamper=False,
   timeout=None)`` -> :class:`HttpInteractionResult` (``status``, ``headers``, ``body``,
   ``json``, ``interaction``, ``timed_out``): HTTP-endpoint mode, signed with

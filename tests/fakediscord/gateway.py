@@ -146,10 +146,18 @@ class GatewayConnection:
         interactions is 400 dispatches, of which the fake should cost as little of the
         benchmarks' CPU as it can (aiohttp's writer and a lock doubled it).
         """
+        self.write(self.encode(payloads))
+
+    def encode(self, payloads: list[dict[str, Any]]) -> bytes:
+        """The frames of ``payloads``, compressed in order; `write` them next, with no
+        await between (the zlib stream is shared)."""
+        return b"".join(self._frames(payload) for payload in payloads)
+
+    def write(self, frames: bytes) -> None:
         transport = self.transport
         if self.ws.closed or transport is None or transport.is_closing():
             return  # the session backlog covers a RESUME
-        transport.write(b"".join(self._frames(payload) for payload in payloads))
+        transport.write(frames)
 
     def _frames(self, payload: dict[str, Any]) -> bytes:
         # orjson: as fast as the fake can serialize.
@@ -245,6 +253,22 @@ class GatewayServer:
             await self.send_dispatch(session, event, data)
             count += 1
         return count
+
+    def dispatch_at_once(self, event: str, items: list[tuple[Any, str | None]]) -> float:
+        """Send many dispatches of ``event`` at once, one write per connection.
+
+        ``items`` are ``(data, guild_id)``, each routed like `dispatch`. Everything is
+        serialized and compressed first, then written; returns the event-loop time of the
+        writes, the moment the events left "Discord".
+        """
+        self.flush_echoes()
+        queued = [
+            (session, event, data)
+            for data, guild_id in items
+            for session in list(self.sessions.values())
+            if guild_id is None or session.owns_guild(guild_id)
+        ]
+        return self._send_together(queued)
 
     async def reconnect(self) -> None:
         """Ask every client to reconnect (op 7); discord.py then RESUMEs."""
@@ -472,13 +496,21 @@ class GatewayServer:
         if not self._outbox:
             return
         queued, self._outbox = self._outbox, []
+        self._send_together(queued)
+
+    def _send_together(self, queued: list[tuple[GatewaySession, str, Any]]) -> float:
+        """Sequence ``(session, event, data)`` in order and send them, one write per
+        connection once all are encoded; returns the loop time of the writes."""
         by_connection: dict[int, tuple[GatewayConnection, list[dict[str, Any]]]] = {}
         for session, event, data in queued:
             frame = self._sequence(session, event, data)
             if session.connection is not None:
                 by_connection.setdefault(id(session.connection), (session.connection, []))[1].append(frame)
-        for connection, frames in by_connection.values():
-            connection.send_many(frames)
+        encoded = [(connection, connection.encode(frames)) for connection, frames in by_connection.values()]
+        sent = asyncio.get_running_loop().time()
+        for connection, frames in encoded:
+            connection.write(frames)
+        return sent
 
     def _live(self) -> list[GatewayConnection]:
         return [c for c in self.connections if not c.ws.closed]

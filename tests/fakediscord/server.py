@@ -27,6 +27,7 @@ from aiohttp import web
 from nacl.signing import SigningKey
 
 from . import payloads as P
+from .arrivals import ARRIVED, ArrivalStamps
 from .gateway import GatewayServer, GatewaySession
 from .openapi import load_spec, path_shape, validate_interaction
 
@@ -60,7 +61,8 @@ class RecordedRequest:
     ``json`` is the parsed JSON body, or the ``payload_json`` part of a multipart body;
     ``raw_text`` is set only when a body could not be parsed as JSON. ``kind`` is ``"rest"``,
     or ``"http-reply"`` for a bot's answer to an HTTP-mode interaction POST (recorded as the
-    callback route it stands for).
+    callback route it stands for). ``time`` is when the fake handled the request, ``arrived``
+    when its first bytes were read (REST only; see `tests.fakediscord.arrivals`).
     """
 
     method: str
@@ -72,6 +74,7 @@ class RecordedRequest:
     raw_text: str | None
     files: list[UploadedFile]
     time: float
+    arrived: float | None = None
     kind: str = "rest"
     size_limit: int | None = None
     status: int | None = None
@@ -431,20 +434,26 @@ class FakeDiscord:
             fragment_size=zlib_fragment_size,
         )
         self._runner: web.AppRunner | None = None
+        self._listener: asyncio.Server | None = None
         self._client: aiohttp.ClientSession | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> FakeDiscord:
         """Bind to a free port and start serving."""
-        app = web.Application(client_max_size=200 * 1024 * 1024)
+        stamps = ArrivalStamps()
+        app = web.Application(client_max_size=200 * 1024 * 1024, middlewares=[stamps.middleware])
         app.router.add_get("/gateway", self.gateway.handle)
         app.router.add_get("/attachments/{channel_id}/{attachment_id}/{filename}", self._serve_file)
         app.router.add_route("*", API_PREFIX + "/{tail:.*}", self._handle_api)
         self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=0.5)
         await self._runner.setup()
-        await web.TCPSite(self._runner, self.host, self._port).start()
-        self._port = self._runner.addresses[0][1]  # the port the OS picked for port=0
+        # Listening ourselves (not a TCPSite) to put the arrival stamps under aiohttp's protocol.
+        loop = asyncio.get_running_loop()
+        self._listener = await loop.create_server(
+            stamps.protocol_factory(self._runner.server), self.host, self._port  # type: ignore[arg-type]
+        )
+        self._port = self._listener.sockets[0].getsockname()[1]  # the port the OS picked for port=0
         return self
 
     async def close(self) -> None:
@@ -453,6 +462,9 @@ class FakeDiscord:
         if self._client is not None:
             await self._client.close()
             self._client = None
+        if self._listener is not None:
+            self._listener.close()  # no new connections; the runner closes the open ones
+            self._listener = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
@@ -927,6 +939,23 @@ class FakeDiscord:
         await self.dispatch("INTERACTION_CREATE", payload, guild_id=payload.get("guild_id"))
         return interaction
 
+    async def dispatch_interactions(
+        self, payloads: list[dict[str, Any]], *, timeout: float = 5.0
+    ) -> list[FakeInteraction]:
+        """Send many INTERACTION_CREATE at once: a burst, as Discord delivers one.
+
+        All are encoded first, then written in one go per connection; each interaction's
+        ``created`` is the moment of that write (so encoding 200 of them is not counted
+        against the bot, as with one `dispatch_interaction` after another).
+        """
+        await self.wait_for_session(timeout=timeout)
+        interactions = [self.register_interaction(payload, "gateway") for payload in payloads]
+        sent = self.gateway.dispatch_at_once("INTERACTION_CREATE", [(p, p.get("guild_id")) for p in payloads])
+        for interaction in interactions:
+            interaction.created = sent
+        self._notify()
+        return interactions
+
     async def post_interaction(
         self,
         url: str,
@@ -1317,6 +1346,7 @@ class FakeDiscord:
             raw_text=raw_text,
             files=files,
             time=asyncio.get_running_loop().time(),
+            arrived=request[ARRIVED],
         )
         op, _, template = self.spec.match(request.method, path)
         record.route = template
