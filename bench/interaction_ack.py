@@ -14,7 +14,8 @@ For each mode, against the protocol-level fake Discord from the tests:
    with the real text generator;
 2. start one long generation and wait until the model streams tokens;
 3. dispatch ``--count`` ``/chat`` interactions at once, spread over ``--users`` fake users
-   (the per-user pending limit keeps its default);
+   (the per-user pending limit keeps its default) — gateway: all encoded first, then written
+   in one go, and each one's dispatch time is that write; http: all POSTed concurrently;
 4. measure for each the time from dispatch to the deferral arriving at the fake (gateway:
    the ``POST /interactions/.../callback``; http: the HTTP reply), and the bot's event-loop
    lag meanwhile;
@@ -63,7 +64,8 @@ BUSY_PROMPT = "Tell me a long story about a lighthouse keeper and the sea, with 
 @dataclass
 class Outcome:
     mode: str
-    acks_ms: list[float] = field(default_factory=list)
+    acks_ms: list[float] = field(default_factory=list)  # until the deferral arrived at the fake
+    handled_ms: list[float] = field(default_factory=list)  # until the fake handled it
     late_acks: int = 0  # after Discord's 3 s
     unacked: int = 0
     final: int = 0
@@ -113,10 +115,11 @@ async def fake_main(args: argparse.Namespace) -> None:
         stdin = asyncio.StreamReader()
         await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(stdin), sys.stdin)
         send: Callable[[dict[str, Any]], Awaitable[FakeInteraction]]
+        send_all: Callable[[list[dict[str, Any]]], Awaitable[list[FakeInteraction]]]
         if args.mode == "gateway":
             await fake.wait_for_session(timeout=120)
             await poll(lambda: bool(fake.commands(fake.guild_id)), timeout=30, every=0.05)
-            send, ack_kind = fake.dispatch_interaction, "rest"
+            send, send_all, ack_kind = fake.dispatch_interaction, fake.dispatch_interactions, "rest"
         else:
             import aiohttp
 
@@ -129,10 +132,13 @@ async def fake_main(args: argparse.Namespace) -> None:
             async def send(payload: dict[str, Any]) -> FakeInteraction:
                 return (await fake.post_interaction(url, payload)).interaction
 
+            async def send_all(payloads: list[dict[str, Any]]) -> list[FakeInteraction]:
+                return list(await asyncio.gather(*(send(p) for p in payloads)))
+
             ack_kind = "http-reply"
         outcome = Outcome(args.mode)
         profile = sync_profile(args.profile and f"{args.profile}.fake-{args.mode}")
-        await burst(fake, send, users, args, outcome, ack_kind, profile)
+        await burst(fake, send, send_all, users, args, outcome, ack_kind, profile)
         emit("result", **asdict(outcome))
         await stdin.readline()  # the parent stops the bot first, so it does not see the fake vanish
 
@@ -150,16 +156,21 @@ def answered(fake: Any, interaction: Any) -> str | None:
     return None
 
 
-def ack_times(fake: Any, kind: str) -> dict[str, float]:
-    """Interaction id -> loop time its deferral reached the fake."""
-    out: dict[str, float] = {}
+def ack_times(fake: Any, kind: str) -> dict[str, tuple[float, float]]:
+    """Interaction id -> loop times its deferral (arrived at, was handled by) the fake.
+
+    HTTP mode has no arrival stamp: there the bot's reply is handled as it is read.
+    """
+    out: dict[str, tuple[float, float]] = {}
     for record in fake.requests:
         if record.kind == kind and record.path.endswith("/callback") and record.status in (200, 204):
-            out.setdefault(record.path.split("/")[2], record.time)
+            arrived = record.arrived if record.arrived is not None else record.time
+            out.setdefault(record.path.split("/")[2], (arrived, record.time))
     return out
 
 
-async def burst(fake: Any, send: Callable[[dict[str, Any]], Awaitable[Any]], users: list[dict[str, Any]],
+async def burst(fake: Any, send: Callable[[dict[str, Any]], Awaitable[Any]],
+                send_all: Callable[[list[dict[str, Any]]], Awaitable[list[Any]]], users: list[dict[str, Any]],
                 args: argparse.Namespace, outcome: Outcome, ack_kind: str,
                 profile: contextlib.AbstractContextManager[None]) -> None:
     """Start the busy job, then fire the burst and follow it to the end."""
@@ -178,18 +189,19 @@ async def burst(fake: Any, send: Callable[[dict[str, Any]], Awaitable[Any]], use
     emit("burst")
     started = time.monotonic()
     with profile:
-        interactions = list(await asyncio.gather(*(send(p) for p in payloads)))
+        interactions = await send_all(payloads)
         ids = {i.id for i in interactions}
         await poll(lambda: ids <= ack_times(fake, ack_kind).keys(), timeout=10, every=0.05)
     emit("acked")
     acked = ack_times(fake, ack_kind)
     for interaction in interactions:
-        at = acked.get(interaction.id)
-        if at is None:
+        if interaction.id not in acked:
             outcome.unacked += 1
             continue
-        outcome.acks_ms.append((at - interaction.created) * 1000)
-        outcome.late_acks += at - interaction.created > 3.0
+        arrived, handled = acked[interaction.id]
+        outcome.acks_ms.append((arrived - interaction.created) * 1000)
+        outcome.handled_ms.append((handled - interaction.created) * 1000)
+        outcome.late_acks += handled - interaction.created > 3.0
     await poll(lambda: all(answered(fake, i) for i in [*interactions, busy]), timeout=args.timeout, every=1.0)
     outcome.answered_s = time.monotonic() - started
     for interaction in interactions:
@@ -344,12 +356,13 @@ def report(outcomes: list[Outcome], args: argparse.Namespace) -> None:
           f"max_tokens {args.max_tokens}, while one {args.busy_tokens}-token generation runs; "
           f"{os.cpu_count()} CPUs; fake in its own process, spec validation {'on' if args.validate else 'off'}; "
           f"gateway: DISCORD_ACK_CONNECTIONS={args.ack_connections}\n")
-    print("| mode | ack p50 ms | ack p90 ms | ack p99 ms | ack max ms | not acked / > 3 s | final / refused / "
-          "unanswered | all answered after s | bot loop lag p99 / max ms | spec problems |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    print("| mode | ack p50 ms | ack p90 ms | ack p99 ms | ack max ms | handled p50 / p99 ms | not acked / > 3 s "
+          "| final / refused / unanswered | all answered after s | bot loop lag p99 / max ms | spec problems |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for o in outcomes:
         print(f"| {o.mode} | {percentile(o.acks_ms, 0.5):.1f} | {percentile(o.acks_ms, 0.9):.1f} "
               f"| {percentile(o.acks_ms, 0.99):.1f} | {max(o.acks_ms, default=float('nan')):.1f} "
+              f"| {percentile(o.handled_ms, 0.5):.1f} / {percentile(o.handled_ms, 0.99):.1f} "
               f"| {o.unacked} / {o.late_acks} | {o.final} / {o.refused} / {o.missing} | {o.answered_s:.1f} "
               f"| {percentile(o.lag_ms, 0.99):.1f} / {max(o.lag_ms, default=float('nan')):.1f} | {o.problems} |")
     for o in outcomes:
