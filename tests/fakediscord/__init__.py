@@ -124,8 +124,9 @@ State to assert on:
 - ``requests``: every :class:`RecordedRequest` (``method``, ``path`` after ``/api/v10``,
   ``query``, ``headers``, ``content_type``, ``json`` (or multipart ``payload_json``),
   ``files`` (:class:`UploadedFile`: ``field``, ``filename``, ``content_type``, ``data``),
-  ``time`` (loop time), ``status``, ``response``, ``response_headers``, ``route`` (spec
-  template), ``operation_id``, ``rate_limited``, ``problems``);
+  ``time`` (loop time it was handled), ``arrived`` (when its first bytes were read),
+  ``status``, ``response``, ``response_headers``, ``route`` (spec template),
+  ``operation_id``, ``rate_limited``, ``problems``);
   ``find_requests(method=None, path=None, *, status=None)`` (path is a regex).
 
 Waiting (re-checked on every request and gateway payload; ``TimeoutError`` lists the last
