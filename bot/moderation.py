@@ -33,6 +33,7 @@ from storage.database import AsyncDatabase
 from storage.guild_config import KEYS, ConfigError, ConfigStore, EffectiveValue
 from storage.personas import Persona, PersonaError, PersonaStore
 from storage.safety import BlocklistError, SafetyStore
+from storage.schedules import Schedule
 
 if TYPE_CHECKING:  # bot.commands imports bot.services, which may import this module
     from bot.commands import Invocation, Responder
@@ -365,3 +366,18 @@ async def guard_output(inv: Invocation, services: ModerationServices, kind: str,
         return None
     await log_block(services, inv, f"{kind}-output", text, verdict)
     return refusal(verdict, output=True)
+
+
+async def guard_scheduled_text(services: ModerationServices, schedule: Schedule, text: str) -> str | None:
+    """Check a scheduled post's text with the rules of its server and channel, as a command's
+    answer there would be: None to post it, else the mod log's reason (logged as
+    ``schedule-output``; the text itself stays in the safety log)."""
+    from bot.commands import Invocation  # see the TYPE_CHECKING import above
+
+    inv = Invocation(user_id=f"schedule:{schedule.id}", source="schedule", guild_id=schedule.guild,
+                     channel_id=schedule.channel)
+    verdict = await check(services, inv, text)
+    if verdict.allowed:
+        return None
+    await log_block(services, inv, "schedule-output", text, verdict)
+    return f"its text was withheld: it contained {CATEGORY_LABELS.get(verdict.category or '', 'blocked content')}"

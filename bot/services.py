@@ -7,6 +7,7 @@ The console, the Discord gateway bot and the HTTP interactions endpoint all rece
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import sqlite3
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ import sqlite_utils
 
 from bot.cli_schedule import poster_options
 from bot.community import CaptureBuffer, community_files_dir, finetune_settings
-from bot.moderation import KNOWN_COMMANDS
+from bot.moderation import KNOWN_COMMANDS, guard_scheduled_text
 from bot.settings import Settings
 from generators.adapters import AdapterTextGenerator, GuildAdapters
 from generators.base import Generator, GeneratorError
@@ -184,6 +185,10 @@ async def build_services(settings: Settings, *, recover: bool = True, load_backl
         return str(zone or "UTC")
 
     trainer = NightlyTrainer(community, queue, db=adb, timezone_for=zone_now, on_serving_changed=on_serving_changed)
-    return Services(settings, db, adb, store, registry, queue, config, PersonaStore(db), SafetyStore(db),
-                    ConversationStore(db), RuleCache(), schedules, community, adapters, trainer,
-                    CaptureBuffer(community, adb))
+    services = Services(settings, db, adb, store, registry, queue, config, PersonaStore(db), SafetyStore(db),
+                        ConversationStore(db), RuleCache(), schedules, community, adapters, trainer,
+                        CaptureBuffer(community, adb))
+    # Scheduled texts pass the server's safety rules, as command answers do (set here: the
+    # check needs the services that hold the poster).
+    schedules.check_text = functools.partial(guard_scheduled_text, services)
+    return services

@@ -16,6 +16,8 @@ How a slot fires, and why it is built this way:
   waits for it, and hands text and files to a `Poster`. Failures are retried with bounded
   exponential backoff and then reported to the mod log; a channel that is gone or
   unwritable pauses the schedule, with a note.
+- A generated text passes an injected check (the bot's: the server's safety rules for that
+  channel) before it is posted; a withheld text fails its slot, noted in the mod log.
 - ``{community_quote}`` comes from an injected provider. When it has nothing (the community
   feature is not built yet, so by default it never has), the post is skipped and the mod log
   told once — unless a ``quote_fallback`` text is configured, which is used instead.
@@ -124,6 +126,8 @@ ChannelCheck = Callable[[str | None, str], MaybeAwaitable[bool]]
 #: (guild, channel) → (server name, channel name) for {server} and {channel}.
 PlaceNames = Callable[[str | None, str], MaybeAwaitable[tuple[str, str]]]
 TimezoneFor = Callable[[str | None], "MaybeAwaitable[str]"]
+# (schedule, generated text) -> None to post it, else why it is withheld (for the mod log).
+TextCheck = Callable[["Schedule", str], Awaitable[str | None]]
 
 
 def no_quote(guild: str | None) -> str | None:
@@ -254,6 +258,7 @@ class ScheduledPoster(LiveScheduler):
                  sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
                  sync_s: float = 60.0,
                  priority: int = SCHEDULE_PRIORITY,
+                 check_text: TextCheck | None = None,
                  db: AsyncDatabase | None = None) -> None:
         self.store = store
         self.queue = queue
@@ -275,6 +280,7 @@ class ScheduledPoster(LiveScheduler):
         self.sync_s = sync_s
         self.sync_job_id = "schedules-sync"
         self.priority = priority
+        self.check_text = check_text
         self._db = db or AsyncDatabase()
         self._owns_db = db is None
         self._lock = asyncio.Lock()  # claiming slots: one claimer at a time in this process
@@ -415,6 +421,8 @@ class ScheduledPoster(LiveScheduler):
                 files = [Path(artifact.path) for artifact in record.artifacts]
                 if not text and not files:
                     raise _GiveUp(f"job {record.id} produced nothing to post")
+                if text and self.check_text is not None and (withheld := await self.check_text(schedule, text)):
+                    raise _GiveUp(withheld)
                 await self.poster.send(schedule.channel, text, files)
                 break
             except (ChannelGone, ChannelForbidden) as exc:

@@ -90,3 +90,31 @@ async def test_a_schedule_whose_channel_is_gone_is_paused_with_a_mod_log_note(fa
     assert note.content.startswith(f"Schedule #1 is paused: channel <#{old['id']}> is gone")
     assert (await services.schedules.get(schedule.id)).paused
     assert "paused — paused: channel" in listing
+
+
+@pytest.mark.asyncio
+async def test_a_scheduled_text_the_servers_rules_block_is_withheld(fake_discord: FakeDiscord,
+                                                                   make_bot: Any) -> None:
+    fake = fake_discord
+    bot, services = await make_bot({"text": RecordingGenerator()})
+    spoilers = fake.add_channel(fake.guild_id, "zorblax-spoilers")
+    modlog = fake.add_channel(fake.guild_id, "mod-log")
+    mod = fake.moderator
+    async with running_client(bot, fake):
+        await command(fake, "config set", {"key": "modlog_channel", "value": modlog["id"]}, user=mod)
+        await command(fake, "blocklist add", {"pattern": "zorblax"}, user=mod)
+        # The template is clean; the text it yields names the channel, which the blocklist stops.
+        await command(fake, "schedule add", {"channel": spoilers["id"], "when": "hourly", "kind": "text",
+                                             "prompt": "Today in #{channel}"}, user=mod)
+        [schedule] = await services.schedules.list_schedules(fake.guild_id)
+        assert schedule.next_run_at is not None
+        [firing] = await services.schedules.run_due(schedule.next_run_at)
+        [note] = await fake.wait_until(lambda: fake.messages(modlog["id"]))
+    log = await services.adb.run(lambda: list(services.db.execute(
+        "SELECT guild, channel, user, kind, excerpt FROM safety_log ORDER BY id")))
+    assert firing.status == "failed" and fake.messages(spoilers["id"]) == []  # nothing posted
+    assert "its text was withheld: it contained" in note.content and "zorblax" not in note.content
+    assert log == [(fake.guild_id, spoilers["id"], f"schedule:{schedule.id}", "schedule-output",
+                    "Today in #zorblax-spoilers:1")]
+    stored = await services.schedules.get(schedule.id)
+    assert stored.failures == 1 and not stored.paused  # the next slot tries again

@@ -447,6 +447,27 @@ async def test_failures_past_the_retries_reach_the_mod_log(env: Env) -> None:
 
 
 @pytest.mark.asyncio
+async def test_a_text_the_check_withholds_is_not_posted(env: Env) -> None:
+    seen: list[tuple[int, str]] = []
+
+    async def check(schedule: Any, text: str) -> str | None:
+        seen.append((schedule.id, text))
+        return "its text was withheld: it contained spoilers" if "Saturday" in text else None
+
+    schedules = env.make(check_text=check, retries=3)
+    added = await schedules.add(_req())
+    env.clock.set("2025-03-01 01:00")  # a Saturday: withheld
+    (withheld,) = await schedules.run_due()
+    env.clock.set("2025-03-02 00:00")  # a Sunday: posted
+    (posted,) = await schedules.run_due()
+    assert withheld.status == "failed" and env.sleeps == []  # no retry: the same text would be withheld
+    assert env.modlog.notes == [("g1", withheld.message)] and withheld.message.endswith(
+        "its text was withheld: it contained spoilers")
+    assert posted.status == "posted" and env.poster.posts == [("555", "News for Sunday:1", [])]
+    assert seen == [(added.id, "News for Saturday:1"), (added.id, "News for Sunday:1")]
+
+
+@pytest.mark.asyncio
 async def test_community_quote_without_items_skips_once_noted(env: Env) -> None:
     schedules = env.make()
     await schedules.add(_req(prompt="Quote of the hour: {community_quote}"))
