@@ -328,9 +328,14 @@ async def safety_context(services: ModerationServices, inv: Invocation) -> tuple
     return await asyncio.to_thread(ServerRules.compile, entries, services.rule_cache), restricted
 
 
+def category_label(verdict: Verdict) -> str:
+    """What a refusal or a mod-log note calls the rule's category."""
+    return CATEGORY_LABELS.get(verdict.category or "", "content this bot does not produce")
+
+
 def refusal(verdict: Verdict, *, output: bool = False) -> str:
     """What the user is told; a blocklist refusal never says which entry matched."""
-    what = CATEGORY_LABELS.get(verdict.category or "", "content this bot does not produce")
+    what = category_label(verdict)
     message = (f"🚫 The answer was withheld: it contained {what}." if output
                else f"🚫 Request refused: it asks for {what}.")
     if verdict.category == "self_harm":
@@ -349,23 +354,27 @@ async def check(services: ModerationServices, inv: Invocation, text: str) -> Ver
     return await asyncio.to_thread(check_text, text, rules, restricted)
 
 
+async def blocked(services: ModerationServices, inv: Invocation, kind: str, text: str) -> Verdict | None:
+    """The verdict on a text that the rules stop, written to the safety log as ``kind``;
+    None if it may pass."""
+    verdict = await check(services, inv, text)
+    if verdict.allowed:
+        return None
+    await log_block(services, inv, kind, text, verdict)
+    return verdict
+
+
 async def guard_prompt(inv: Invocation, services: ModerationServices, kind: str, prompt: str) -> str | None:
     """Check a prompt before it is queued (every modality): None if it may pass, else the
     refusal to show; a refusal is written to the safety log."""
-    verdict = await check(services, inv, prompt)
-    if verdict.allowed:
-        return None
-    await log_block(services, inv, kind, prompt, verdict)
-    return refusal(verdict)
+    verdict = await blocked(services, inv, kind, prompt)
+    return None if verdict is None else refusal(verdict)
 
 
 async def guard_output(inv: Invocation, services: ModerationServices, kind: str, text: str) -> str | None:
     """Check a generated text before delivery; logged as ``<kind>-output``."""
-    verdict = await check(services, inv, text)
-    if verdict.allowed:
-        return None
-    await log_block(services, inv, f"{kind}-output", text, verdict)
-    return refusal(verdict, output=True)
+    verdict = await blocked(services, inv, f"{kind}-output", text)
+    return None if verdict is None else refusal(verdict, output=True)
 
 
 async def guard_scheduled_text(services: ModerationServices, schedule: Schedule, text: str) -> str | None:
@@ -376,8 +385,5 @@ async def guard_scheduled_text(services: ModerationServices, schedule: Schedule,
 
     inv = Invocation(user_id=f"schedule:{schedule.id}", source="schedule", guild_id=schedule.guild,
                      channel_id=schedule.channel)
-    verdict = await check(services, inv, text)
-    if verdict.allowed:
-        return None
-    await log_block(services, inv, "schedule-output", text, verdict)
-    return f"its text was withheld: it contained {CATEGORY_LABELS.get(verdict.category or '', 'blocked content')}"
+    verdict = await blocked(services, inv, "schedule-output", text)
+    return None if verdict is None else f"its text was withheld: it contained {category_label(verdict)}"

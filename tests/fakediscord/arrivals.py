@@ -37,8 +37,8 @@ class ArrivalStamps:
 
     @web.middleware
     async def middleware(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        request[ARRIVED] = self._first.get(request.protocol, loop.time())
+        arrived = self._first.get(request.protocol)
+        request[ARRIVED] = arrived if arrived is not None else asyncio.get_running_loop().time()
         try:
             return await handler(request)
         finally:
