@@ -98,6 +98,12 @@ class ConversationStore:
         rows = self._turns("WHERE message_id=? AND guild IS ?", [message_id, guild])
         return rows[0] if rows else None
 
+    def answer(self, job_id: int, guild: str | None = None) -> Turn | None:
+        """The recorded answer a job produced in that guild (a button under it names the job)."""
+        rows = self._turns("WHERE job_id=? AND role='assistant' AND guild IS ? ORDER BY id DESC LIMIT 1",
+                           [job_id, guild])
+        return rows[0] if rows else None
+
     def chain(self, message_id: str, guild: str | None = None, limit: int = MAX_CHAIN) -> list[Turn]:
         """The turns leading to (and including) a message, oldest first; [] if it is unknown."""
         rows = self.db.execute(

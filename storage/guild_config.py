@@ -29,6 +29,10 @@ _SNOWFLAKE = re.compile(r"\d{15,21}")
 _MODEL_KINDS = ("text", "image", "audio")
 _TRUE = {"true", "yes", "on", "1", "enable", "enabled"}
 _FALSE = {"false", "no", "off", "0", "disable", "disabled"}
+_DURATION = re.compile(r"(\d{1,6})\s*([smh]?)", re.IGNORECASE)
+_UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600}
+MAX_COOLDOWN_S = 86400
+MAX_DAILY_QUOTA = 100000
 
 
 class ConfigError(Exception):
@@ -112,6 +116,21 @@ def _max_pending(text: str, ctx: ConfigContext) -> int:
     return int(value)
 
 
+def _cooldown(text: str, ctx: ConfigContext) -> int:
+    match = _DURATION.fullmatch(text.strip())
+    seconds = int(match.group(1)) * _UNIT_S[match.group(2).lower()] if match else -1
+    if not 0 <= seconds <= MAX_COOLDOWN_S:
+        raise ValueError(f"expected seconds from 0 to {MAX_COOLDOWN_S} (0 = none), such as 30, 30s, 5m or 2h")
+    return seconds
+
+
+def _daily_quota(text: str, ctx: ConfigContext) -> int:
+    value = text.strip()
+    if not re.fullmatch(r"\d{1,6}", value) or int(value) > MAX_DAILY_QUOTA:
+        raise ValueError(f"expected a whole number from 0 to {MAX_DAILY_QUOTA} (0 = unlimited), such as 20")
+    return int(value)
+
+
 def _timezone(text: str, ctx: ConfigContext) -> str:
     name = text.strip()
     expected = "expected an IANA time zone such as Europe/Paris"
@@ -172,6 +191,12 @@ KEYS: Mapping[str, ConfigKey] = MappingProxyType({
                     "smollm2", _model) for kind in _MODEL_KINDS),
         ConfigKey("max_pending_per_user", "whole number 1–100",
                   "How many jobs one user may have waiting or running.", "3", _max_pending),
+        *(ConfigKey(f"cooldown.{kind}", f"seconds 0–{MAX_COOLDOWN_S}",
+                    f"How long a member waits between two {kind} jobs here (0 = no cooldown).",
+                    "30s", _cooldown) for kind in _MODEL_KINDS),
+        *(ConfigKey(f"daily_quota.{kind}", f"whole number 0–{MAX_DAILY_QUOTA}",
+                    f"How many {kind} jobs a member may start here per day, reset at 00:00 UTC (0 = unlimited).",
+                    "20", _daily_quota) for kind in _MODEL_KINDS),
         ConfigKey("timezone", "IANA time zone", "Time zone for schedules and dates.", "Europe/Paris", _timezone),
         ConfigKey("moderator_role", "role name or id", "Members with this role may moderate the bot.",
                   "Moderator", _role),

@@ -8,6 +8,7 @@ Every method is one transaction: a job is never half-written.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -24,6 +25,33 @@ FINAL = ("succeeded", "failed", "cancelled", "expired")
 
 class QuotaExceeded(Exception):
     """The requester already has the maximum number of pending jobs."""
+
+
+class LimitReached(QuotaExceeded):
+    """A per-member limit refused the job; the message is for the member.
+
+    ``retry_at`` is the unix time from which the same request would pass (None when only
+    cancelling or finishing a job helps); ``limit`` names it: pending | cooldown | daily.
+    """
+
+    def __init__(self, message: str, retry_at: float | None = None, limit: str = "pending") -> None:
+        super().__init__(message)
+        self.retry_at = retry_at
+        self.limit = limit
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """Per-member limits checked when a job is created.
+
+    ``max_pending``: queued + running jobs of the member (None: the caller's default);
+    ``cooldown_s``: seconds between two jobs of one kind in one server (0: none);
+    ``daily``: jobs of one kind in one server per UTC day (0: unlimited).
+    """
+
+    max_pending: int | None = None
+    cooldown_s: float = 0
+    daily: int = 0
 
 
 class JobNotFound(Exception):
@@ -112,10 +140,22 @@ class Usage:
     seconds: float
 
 
+@dataclass
+class UsageTotal:
+    """Finished work of one kind summed over days (and members: ``members`` counts them)."""
+
+    kind: str
+    jobs: int
+    tokens: int
+    seconds: float
+    members: int
+
+
 class JobStore(Protocol):
     """What the generation queue needs from persistent storage."""
 
-    def create_job(self, job: NewJob, max_pending: int | None) -> JobRecord: ...
+    def create_job(self, job: NewJob, max_pending: int | None,
+                   limits: JobLimits | None = None) -> JobRecord: ...
     def claim(self, job_ids: Iterable[int], worker: str) -> list[int]: ...
     def heartbeat(self, job_ids: Iterable[int]) -> None: ...
     def finish(self, job_id: int, result: dict[str, Any], artifacts: list[Artifact],
@@ -141,25 +181,71 @@ class SqliteJobStore:
         self.clock = clock
 
     # --- writes ---------------------------------------------------------------------------
-    def create_job(self, job: NewJob, max_pending: int | None = None) -> JobRecord:
-        """Insert a queued job; with max_pending, refuse (QuotaExceeded) atomically."""
+    def create_job(self, job: NewJob, max_pending: int | None = None,
+                   limits: JobLimits | None = None) -> JobRecord:
+        """Insert a queued job. With max_pending or limits, refuse (LimitReached, a
+        QuotaExceeded) in the same transaction as the insert, so racing requests of one
+        member cannot both slip under a limit. ``limits.max_pending`` overrides max_pending."""
+        if limits is not None and limits.max_pending is not None:
+            max_pending = limits.max_pending
         with immediate(self.db):
-            if max_pending is not None:
-                pending = self.pending_count(job.requester)
-                if pending >= max_pending:
-                    raise QuotaExceeded(
-                        f"you already have {pending} pending job(s) (limit {max_pending}); "
-                        "wait for one to finish or cancel one"
-                    )
+            now = self.clock()
+            self._check(job.requester, job.guild, job.kind, max_pending, limits, now)
             cursor = self.db.execute(
                 "INSERT INTO jobs (kind, model, source, requester, guild, channel, prompt,"
                 " params, delivery, priority, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
                 [job.kind, job.model, job.source, job.requester, job.guild, job.channel,
                  job.prompt, json.dumps(job.params), json.dumps(job.delivery), job.priority,
-                 self.clock()],
+                 now],
             )
             job_id = int(cursor.lastrowid or 0)
         return self.get(job_id)
+
+    def check_limits(self, requester: str, guild: str | None, kind: str, limits: JobLimits) -> None:
+        """Raise LimitReached if a job of this kind would be refused now (nothing is written;
+        `create_job` checks again atomically)."""
+        self._check(requester, guild, kind, limits.max_pending, limits, self.clock())
+
+    def _check(self, requester: str, guild: str | None, kind: str, max_pending: int | None,
+               limits: JobLimits | None, now: float) -> None:
+        # The refusal that lasts longest is the one worth telling: a day, then
+        # "until a job ends", then a few seconds of cooldown.
+        if limits is not None and limits.daily > 0:
+            self._check_daily(requester, guild, kind, limits.daily, now)
+        if max_pending is not None:
+            self._check_pending(requester, max_pending)
+        if limits is not None and limits.cooldown_s > 0:
+            self._check_cooldown(requester, guild, kind, limits.cooldown_s, now)
+
+    def _check_pending(self, requester: str, max_pending: int) -> None:
+        pending = self.pending_count(requester)
+        if pending >= max_pending:
+            raise LimitReached(
+                f"you already have {pending} pending job(s) (limit {max_pending}); "
+                "wait for one to finish or cancel one"
+            )
+
+    def _check_cooldown(self, requester: str, guild: str | None, kind: str, cooldown_s: float, now: float) -> None:
+        # A failed job is the bot's fault, not the member's: it starts no cooldown.
+        last = self.db.execute(
+            "SELECT max(created_at) FROM jobs WHERE requester=? AND guild IS ? AND kind=?"
+            " AND created_at > ? AND status <> 'failed'",
+            [requester, guild, kind, now - cooldown_s],
+        ).fetchone()[0]
+        if last is not None:
+            retry_at = last + cooldown_s
+            raise LimitReached(f"you can use this again in {format_duration(retry_at - now)}",
+                               retry_at, "cooldown")
+
+    def _check_daily(self, requester: str, guild: str | None, kind: str, daily: int, now: float) -> None:
+        if self._jobs_since(requester, guild, kind, _day_start(now)) < daily:
+            return
+        retry_at = _day_start(now) + 86400
+        raise LimitReached(
+            f"you have reached today's limit of {daily} {kind} jobs here; it resets at"
+            f" 00:00 UTC (in {format_duration(retry_at - now)})",
+            retry_at, "daily",
+        )
 
     def claim(self, job_ids: Iterable[int], worker: str) -> list[int]:
         """Move queued jobs to running; returns those this worker got (others may be gone)."""
@@ -349,7 +435,44 @@ class SqliteJobStore:
             )
         ]
 
+    def jobs_today(self, requester: str, guild: str | None, kind: str) -> int:
+        """The member's jobs of this kind in this server since 00:00 UTC, as the daily
+        limit counts them (queued, running and finished; not failed or cancelled)."""
+        return self._jobs_since(requester, guild, kind, _day_start(self.clock()))
+
+    def usage_summary(self, guild: str | None, requester: str | None = None,
+                      since_day: str | None = None) -> list[UsageTotal]:
+        """Finished jobs per kind in a server (None: direct messages), optionally of one
+        member and from one UTC day (YYYY-MM-DD) on."""
+        where, args = _usage_filter(guild, requester, since_day)
+        rows = self.db.execute(
+            "SELECT kind, sum(jobs), sum(tokens), sum(seconds), count(DISTINCT requester)"
+            f" FROM usage WHERE {where} GROUP BY kind ORDER BY kind",
+            args,
+        ).fetchall()
+        return [UsageTotal(kind=k, jobs=int(j), tokens=int(t), seconds=float(s), members=int(m))
+                for k, j, t, s, m in rows]
+
+    def top_members(self, guild: str | None, since_day: str | None,
+                    limit: int = 5) -> list[tuple[str, int]]:
+        """The members with the most finished jobs in a server: (requester, jobs), most first."""
+        where, args = _usage_filter(guild, None, since_day)
+        rows = self.db.execute(
+            f"SELECT requester, sum(jobs) AS n FROM usage WHERE {where}"
+            " GROUP BY requester ORDER BY n DESC, requester LIMIT ?",
+            [*args, limit],
+        ).fetchall()
+        return [(str(requester), int(n)) for requester, n in rows]
+
     # --- helpers --------------------------------------------------------------------------
+    def _jobs_since(self, requester: str, guild: str | None, kind: str, since: float) -> int:
+        # Failed and cancelled jobs gave the member nothing, so they don't use up the day.
+        return int(self.db.execute(
+            "SELECT count(*) FROM jobs WHERE requester=? AND guild IS ? AND kind=?"
+            " AND created_at >= ? AND status NOT IN ('failed','cancelled')",
+            [requester, guild, kind, since],
+        ).fetchone()[0])
+
     def _dicts(self, sql: str, args: list[Any]) -> list[dict[str, Any]]:
         cursor = self.db.execute(sql, args)
         names = [d[0] for d in cursor.description]
@@ -382,6 +505,37 @@ def _marks(values: list[Any]) -> str:
 
 def _day(ts: float) -> str:
     return datetime.fromtimestamp(ts, UTC).strftime("%Y-%m-%d")
+
+
+def _day_start(ts: float) -> float:
+    """00:00 UTC of the day ``ts`` falls in."""
+    moment = datetime.fromtimestamp(ts, UTC)
+    return moment.replace(hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+def _usage_filter(guild: str | None, requester: str | None,
+                  since_day: str | None) -> tuple[str, list[Any]]:
+    # The usage table stores '' for "no server" (it is part of the primary key).
+    where, args = ["guild=?"], [guild or ""]
+    if requester is not None:
+        where.append("requester=?")
+        args.append(requester)
+    if since_day is not None:
+        where.append("day>=?")
+        args.append(since_day)
+    return " AND ".join(where), args
+
+
+def format_duration(seconds: float) -> str:
+    """A wait as a member reads it: "42 s", "3 min", "2 h 5 min". Rounded up, so a member
+    who comes back when told is not refused again."""
+    whole = max(1, math.ceil(seconds))
+    if whole < 60:
+        return f"{whole} s"
+    hours, minutes = divmod(math.ceil(whole / 60), 60)
+    if not hours:
+        return f"{minutes} min"
+    return f"{hours} h {minutes} min" if minutes else f"{hours} h"
 
 
 def _iso(ts: float | None) -> str | None:

@@ -261,3 +261,23 @@ def _community(db: Database) -> None:
         """
     )
     db.execute("CREATE INDEX model_versions_guild ON model_versions (guild, modality, status)")
+
+
+@MIGRATIONS(name="0005_jobs_requester_kind_created")
+def _jobs_requester_kind_created(db: Database) -> None:
+    # Cooldown and daily-quota checks run on every job a member asks for: a member's jobs of
+    # one kind, newest first or since midnight, without scanning their whole history.
+    db.execute("CREATE INDEX jobs_requester_kind_created ON jobs (requester, kind, created_at)")
+
+
+@MIGRATIONS(name="0006_app_state")
+def _app_state(db: Database) -> None:
+    db.execute(
+        """
+        CREATE TABLE app_state (             -- the bot's own small facts, e.g. the hash of the
+            key TEXT PRIMARY KEY,            -- slash commands last registered with Discord
+            value TEXT NOT NULL,
+            updated_at REAL NOT NULL
+        )
+        """
+    )

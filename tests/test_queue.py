@@ -17,7 +17,7 @@ from generators.base import GeneratorError, Request, Result
 from generators.queue import GenerationQueue, JobEvent, QueueConfig
 from generators.registry import ModelRegistry
 from storage.database import open_database
-from storage.jobs import NewJob, QuotaExceeded, SqliteJobStore
+from storage.jobs import JobLimits, LimitReached, NewJob, QuotaExceeded, SqliteJobStore
 from tests.scripted import ScriptedGenerator
 
 MakeQueue = Callable[..., Any]
@@ -118,6 +118,24 @@ async def test_per_user_quota_refuses_and_writes_nothing(make_queue: MakeQueue, 
     await queue.submit(_job("u2", "d"))
     count = open_database(tmp_path / "db.sqlite3").execute("SELECT count(*) FROM jobs").fetchone()[0]
     assert count == 3
+
+
+@pytest.mark.asyncio
+async def test_member_limits_refuse_with_retry_time_and_write_nothing(make_queue: MakeQueue,
+                                                                      tmp_path: Path) -> None:
+    gen = ScriptedGenerator()
+    gen.gate.clear()
+    queue = await make_queue({"text": gen}, max_pending_per_user=1)
+    first = await queue.submit(_job("u1", "a", guild="g1"), limits=JobLimits(cooldown_s=60))
+    with pytest.raises(LimitReached, match="again in") as caught:
+        await queue.submit(_job("u1", "b", guild="g1"), limits=JobLimits(max_pending=5, cooldown_s=60))
+    assert caught.value.retry_at == first.created_at + 60
+    # Limits without max_pending keep the queue's own pending limit.
+    with pytest.raises(LimitReached, match="limit 1") as caught:
+        await queue.submit(_job("u1", "c", guild="g2"), limits=JobLimits(daily=10))
+    assert caught.value.retry_at is None
+    assert open_database(tmp_path / "db.sqlite3").execute("SELECT count(*) FROM jobs").fetchone()[0] == 1
+    assert all(w.record.id == first.id for w in queue._lanes["text"].waiting)  # nor queued in memory
 
 
 @pytest.mark.asyncio
