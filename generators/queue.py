@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 from generators.base import Cancelled, GeneratorError, Output, Request, Result
 from generators.registry import ModelRegistry
 from storage.database import AsyncDatabase
-from storage.jobs import Artifact, JobNotFound, JobRecord, JobStore, NewJob, QuotaExceeded
+from storage.jobs import Artifact, JobLimits, JobNotFound, JobRecord, JobStore, LimitReached, NewJob, QuotaExceeded
 
 log = logging.getLogger(__name__)
 
@@ -252,13 +252,19 @@ class GenerationQueue:
         checked = await asyncio.to_thread(generator.check, prompt, params)
         return self.registry.model_name(kind, model), checked
 
-    async def submit(self, job: NewJob, *, enforce_quota: bool = True) -> JobRecord:
-        """Validate, persist, then queue a job. Raises GeneratorError / QuotaExceeded."""
+    async def submit(self, job: NewJob, *, enforce_quota: bool = True,
+                     limits: JobLimits | None = None) -> JobRecord:
+        """Validate, persist, then queue a job. Raises GeneratorError / QuotaExceeded
+        (LimitReached, with ``retry_at``, for the member's pending, cooldown or daily limit).
+
+        ``enforce_quota`` applies ``max_pending_per_user`` unless ``limits.max_pending``
+        sets another; a cooldown or daily limit in ``limits`` always applies.
+        """
         if self._stopping or not self._started:
             raise QueueError("the bot is shutting down; try again in a moment")
         job.model, job.params = await self.check(job.kind, job.model or None, job.prompt, job.params)
         limit = self.config.max_pending_per_user if enforce_quota else None
-        record = await self._db.run(self.store.create_job, job, limit)
+        record = await self._db.run(self.store.create_job, job, limit, limits)
         self._lanes[record.kind].add(record, next(self._seq))
         self._idle.clear()
         self._emit(JobEvent(record.id, "queued", record=record))
@@ -286,9 +292,16 @@ class GenerationQueue:
         """Whether someone in this process follows the job (else, e.g. after a restart, nobody does)."""
         return bool(self._listeners.get(job_id))
 
-    def add_listener(self, listener: Listener) -> None:
-        """Hear every job's events (e.g. to deliver results of jobs recovered after a restart)."""
+    def add_listener(self, listener: Listener) -> Callable[[], None]:
+        """Hear every job's events (e.g. to deliver results of jobs recovered after a restart);
+        returns a function that stops it."""
         self._global.append(listener)
+
+        def remove() -> None:
+            if listener in self._global:
+                self._global.remove(listener)
+
+        return remove
 
     async def watch(self, job_id: int) -> AsyncIterator[JobEvent]:
         """Events of one job until it finishes (the last event has type 'finished')."""
@@ -571,5 +584,6 @@ class GenerationQueue:
 
 
 __all__ = [
-    "LANES", "GenerationQueue", "JobEvent", "JobNotFound", "QueueConfig", "QueueError", "QuotaExceeded",
+    "LANES", "GenerationQueue", "JobEvent", "JobLimits", "JobNotFound", "LimitReached", "QueueConfig",
+    "QueueError", "QuotaExceeded",
 ]
