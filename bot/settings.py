@@ -7,12 +7,17 @@ Secrets are `SecretStr`, so they never show up in a repr, a log line or an error
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
+
+if TYPE_CHECKING:
+    from generators.queue import QueueConfig
+    from jobs.finetune import FinetuneSettings
 
 
 class SettingsError(Exception):
@@ -102,6 +107,16 @@ class Settings(BaseSettings):
     max_pending_per_user: int = Field(5, ge=1, le=1000, validation_alias=_env("AIGC_MAX_PENDING_PER_USER"))
     job_timeout_s: float = Field(300.0, gt=0, le=86_400, validation_alias=_env("AIGC_JOB_TIMEOUT_S"))
     max_attempts: int = Field(3, ge=1, le=20, validation_alias=_env("AIGC_MAX_ATTEMPTS"))
+    cooldown_s: int = Field(
+        0, ge=0, le=86_400, validation_alias=_env("AIGC_COOLDOWN_S"),
+        description="Seconds a member waits between two generations of one kind (0: none); "
+        "servers refine it per kind with /config set cooldown.text|image|audio.",
+    )
+    daily_quota: int = Field(
+        0, ge=0, le=100_000, validation_alias=_env("AIGC_DAILY_QUOTA"),
+        description="Generations of one kind a member may start per day in a server (0: no limit); "
+        "servers refine it per kind with /config set daily_quota.text|image|audio.",
+    )
 
     # --- discord -----------------------------------------------------------------------------
     discord_token: SecretStr | None = Field(None, validation_alias=_env("DISCORD_TOKEN"))
@@ -119,16 +134,6 @@ class Settings(BaseSettings):
     )
     discord_api_base: str = Field(
         "https://discord.com/api/v10", validation_alias=_env("DISCORD_API_BASE")
-    )
-    discord_early_ack: bool = Field(
-        True, validation_alias=_env("DISCORD_EARLY_ACK"),
-        description="Defer /chat, /imagine and /speak straight from the gateway payload over kept-alive "
-        "connections (bot.early_ack); false: defer through discord.py only.",
-    )
-    discord_ack_connections: int = Field(
-        8, ge=0, le=1024, validation_alias=_env("DISCORD_ACK_CONNECTIONS"),
-        description="API connections the early deferral keeps open ahead of need: about the largest burst "
-        "of commands expected at once (each new connection costs a TCP and a TLS handshake first).",
     )
     discord_gateway_url: str = Field(
         "wss://gateway.discord.gg/", validation_alias=_env("DISCORD_GATEWAY_URL")
@@ -175,6 +180,68 @@ class Settings(BaseSettings):
     @property
     def models_dir(self) -> Path:
         return self.model_cache or self.data_dir / "models"
+
+    @property
+    def community_dir(self) -> Path:
+        """Captured community images."""
+        return self.data_dir / "community"
+
+    @property
+    def versions_dir(self) -> Path:
+        """Fine-tuned versions (LoRA adapters, image checkpoints)."""
+        return self.data_dir / "finetune"
+
+
+# --- settings as component options (one place translates them) ------------------------------
+def global_defaults(settings: Settings) -> dict[str, Any]:
+    """The bot-wide value of every per-server config key: what applies where no server or
+    channel set one (`storage.guild_config.KEYS` declares the keys)."""
+    defaults: dict[str, Any] = {
+        "enabled_commands": None,  # None: every command
+        "default_model.text": settings.text_model,
+        "default_model.image": None,
+        "default_model.audio": None,
+        "max_pending_per_user": settings.max_pending_per_user,
+        "timezone": "UTC",
+        "moderator_role": settings.discord_moderator_role,
+        "modlog_channel": None,
+        "persona": None,
+        "age_restricted": False,
+        "attach_reasoning": False,
+    }
+    for kind in ("text", "image", "audio"):
+        defaults[f"cooldown.{kind}"] = settings.cooldown_s
+        defaults[f"daily_quota.{kind}"] = settings.daily_quota
+    return defaults
+
+
+def queue_config(settings: Settings, **overrides: Any) -> QueueConfig:
+    from generators.queue import QueueConfig
+
+    options: dict[str, Any] = {
+        "max_pending_per_user": settings.max_pending_per_user,
+        "job_timeout_s": settings.job_timeout_s,
+        "max_attempts": settings.max_attempts,
+        "artifacts_dir": settings.artifacts_dir,
+    }
+    return QueueConfig(**{**options, **overrides})
+
+
+def poster_options(settings: Settings) -> dict[str, Any]:
+    """`jobs.scheduled_posts.ScheduledPoster` options."""
+    return {
+        "min_interval": timedelta(seconds=settings.schedule_min_interval_s),
+        "grace_s": float(settings.schedule_grace_s),
+        "quote_fallback": settings.schedule_quote_fallback,
+    }
+
+
+def finetune_settings(settings: Settings) -> FinetuneSettings:
+    """Where versions go and which base text model is tuned."""
+    from jobs.finetune import FinetuneSettings  # imports torch: only when training is wanted
+
+    return FinetuneSettings(versions_dir=settings.versions_dir, text_model=settings.text_model,
+                            cache_dir=settings.models_dir)
 
 
 def load_settings(**overrides: object) -> Settings:

@@ -33,17 +33,10 @@ from transformers import (
 from generators import quantization
 from generators.base import Generator, GeneratorError, Request, Result
 from generators.model_source import ModelSource, resolve_text_model
+from generators.sampling import DEFAULTS, RANGES
 
 log = logging.getLogger(__name__)
 
-#: Validated ranges of the sampling parameters: (minimum, maximum).
-RANGES: dict[str, tuple[float, float]] = {
-    "temperature": (0.0, 2.0),
-    "top_p": (0.01, 1.0),
-    "top_k": (0, 1000),
-    "repetition_penalty": (1.0, 2.0),
-}
-DEFAULTS: dict[str, Any] = {"temperature": 0.7, "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.1}
 STREAM_EVERY = 2  # tokens between partial-text callbacks; the bot throttles edits further
 
 

@@ -85,6 +85,15 @@ class Poster(Protocol):
         anything else for a failure worth retrying."""
 
 
+class PostTarget(Poster, Protocol):
+    """A poster that also knows the channels: whether the bot can post in one, and the names
+    for ``{server}`` / ``{channel}`` (`ChannelCheck`, `PlaceNames`)."""
+
+    def can_post(self, guild: str | None, channel: str) -> MaybeAwaitable[bool]: ...
+
+    def names(self, guild: str | None, channel: str) -> MaybeAwaitable[tuple[str, str]]: ...
+
+
 class ModLog(Protocol):
     """Moderators' log: skipped posts, failures, pauses."""
 

@@ -17,8 +17,8 @@ import pytest
 import pytest_asyncio
 from PIL import Image
 
-from bot.gateway import AigcBot
-from bot.services import Services, build_services, make_registry
+from bot.core.services import Services
+from bot.discord.gateway import AigcBot, gateway_services
 from bot.settings import load_settings
 from generators.base import Output, Request, Result
 from generators.registry import ModelRegistry
@@ -67,13 +67,14 @@ async def make_bot(fake_discord: FakeDiscord, tmp_path: Path, tiny_model_dir: Pa
             data_dir=tmp_path / "data", text_model=str(tiny_model_dir), discord_token="fake-bot-token",
             discord_application_id=int(fake_discord.app_id), discord_dev_guild_ids=[int(fake_discord.guild_id)],
             discord_api_base=fake_discord.api_base, discord_gateway_url=fake_discord.gateway_url, **overrides)
-        registry = make_registry(settings)
+        registry = None
         if generators is not None:
             registry = ModelRegistry({k: (lambda _n, g=g: g) for k, g in generators.items()},
                                      {k: "m" for k in generators}, budget_bytes=2**30)
-        services = await build_services(settings, registry=registry)
-        started.append(services)
-        return AigcBot(services, guild_ready_timeout=0.05), services
+        bot = AigcBot(settings, gateway_services(settings, registry=registry), guild_ready_timeout=0.05)
+        await bot.services.start()  # tests may queue jobs before the bot connects
+        started.append(bot.services)
+        return bot, bot.services
 
     yield make
     for services in started:
@@ -88,7 +89,8 @@ def shown(fake: FakeDiscord, interaction: FakeInteraction) -> list[tuple[str, bo
             data = callback.get("data") or {}
             seen.append((data.get("content") or "", bool((data.get("flags") or 0) & 64)))
     original = fake.original_response(interaction)
-    if original is not None and not original.deleted and not original.loading:
+    answered_in_callback = bool(seen)  # a type-4 callback's message is the original: shown once
+    if original is not None and not original.deleted and not original.loading and not answered_in_callback:
         seen.append((original.content, original.ephemeral))
     # After a deferral the first follow-up *is* the original (Discord fills the "thinking" message).
     seen += [(m.content, m.ephemeral) for m in fake.followups(interaction)

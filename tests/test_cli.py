@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from bot.cli import main
+from bot.cli.main import main
 
 AIGCBOT = [sys.executable, "-m", "bot.cli"]
 REPO = Path(__file__).resolve().parent.parent

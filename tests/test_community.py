@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -16,10 +16,11 @@ from zoneinfo import ZoneInfo
 import pytest
 import pytest_asyncio
 
-from bot import community as handlers
-from bot.commands import Invocation
-from bot.community import Attachment, CaptureBuffer, IncomingMessage, curate_message
-from generators.curation import (
+from bot.commands import CATALOGUE
+from bot.commands import community as handlers
+from bot.core.capture import Attachment, CaptureBuffer, IncomingMessage, curate_message
+from bot.core.catalogue import run_command, run_component, run_menu
+from bot.core.curation import (
     CREDENTIALS,
     EMAIL,
     PHONE,
@@ -31,6 +32,8 @@ from generators.curation import (
     scrub,
     unique,
 )
+from bot.core.invocation import Button, Form, Invocation, Status
+from bot.settings import Settings, load_settings
 from jobs.finetune import TRAINING_PRIORITY, NightlyTrainer, TrainingBusy
 from storage.community import CommunityError, CommunityStore, NewFile, NewItem
 from storage.database import AsyncDatabase, open_database
@@ -367,21 +370,30 @@ class Responder:
     infos: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     accepted_ids: list[int] = field(default_factory=list)
+    buttons: list[tuple[Button, ...]] = field(default_factory=list)
 
     async def accepted(self, record: Any) -> None:
         self.accepted_ids.append(record.id)
 
-    async def progress(self, text: str) -> None:
+    async def status(self, status: Status) -> None:
         pass
 
-    async def result(self, record: Any) -> None:
+    async def partial(self, text: str) -> None:
+        pass
+
+    async def result(self, record: Any, buttons: Sequence[Button] = ()) -> str | None:
         self.infos.append(str((record.result or {}).get("text")))
+        return f"message-{record.id}"
 
     async def error(self, message: str) -> None:
         self.errors.append(message)
 
-    async def info(self, message: str) -> None:
+    async def info(self, message: str, buttons: Sequence[Button] = ()) -> None:
         self.infos.append(message)
+        self.buttons.append(tuple(buttons))
+
+    async def form(self, form: Form) -> None:
+        raise AssertionError(f"unexpected form {form.title!r}")
 
 
 class FakeQueue:
@@ -399,6 +411,10 @@ class FakeQueue:
 
 @dataclass
 class Services:
+    """The parts of `bot.core.services.Services` the community handlers use, with a fake
+    clock and a queue that runs nothing."""
+
+    settings: Settings
     adb: AsyncDatabase
     community: CommunityStore
     trainer: NightlyTrainer
@@ -415,7 +431,8 @@ async def services(db_path: Path, tmp_path: Path, adb: AsyncDatabase) -> AsyncIt
     changes: list[tuple[str, str, int | None]] = []
     trainer = NightlyTrainer(community, queue, db=adb, clock=clock, min_items={"text": 1},
                              on_serving_changed=lambda g, m, v: changes.append((g, m, v.id if v else None)))
-    yield Services(adb, community, trainer, queue, changes)
+    settings = load_settings(_env_file=None, data_dir=tmp_path / "data")
+    yield Services(settings, adb, community, trainer, queue, changes)
     await trainer.stop()
     await adb.run(db.close)
 
@@ -424,15 +441,38 @@ MEMBER = Invocation(user_id="u1", source="test", guild_id=GUILD, channel_id=CHAN
 MODERATOR = Invocation(user_id="mod", source="test", guild_id=GUILD, channel_id=CHANNEL, is_moderator=True)
 
 
+async def _run(path: str, inv: Invocation, responder: Responder, services: Services, **values: Any) -> Any:
+    """Run a declared command the way every front end does: through the catalogue."""
+    command = CATALOGUE.command(path.split())
+    assert command is not None, path
+    return await run_command(command, inv, responder, services, values)  # type: ignore[arg-type]
+
+
+async def _press(custom_id: str, inv: Invocation, responder: Responder, services: Services) -> Any:
+    found = CATALOGUE.component(custom_id)
+    assert found is not None, custom_id
+    return await run_component(*found, inv, responder, services)  # type: ignore[arg-type]
+
+
+async def _menu(name: str, inv: Invocation, responder: Responder, services: Services, message_id: str) -> Any:
+    menu = CATALOGUE.menu(name)
+    assert menu is not None, name
+    return await run_menu(menu, inv, responder, services, message_id)  # type: ignore[arg-type]
+
+
 @pytest.mark.asyncio
-@pytest.mark.parametrize(("handler", "args"), [
-    (handlers.channel_add, ()), (handlers.channel_remove, ()), (handlers.channel_list, ()),
-    (handlers.curate_review, ()), (handlers.curate_decide, (1, True)), (handlers.approve_message, ("m1",)),
-    (handlers.retrain, ("text",)), (handlers.model_versions, ()), (handlers.model_rollback, (None,)),
-])
-async def test_non_moderators_are_refused(services: Services, handler: Any, args: tuple[Any, ...]) -> None:
+@pytest.mark.parametrize("run", [
+    lambda *a: _run("community channel add", *a), lambda *a: _run("community channel remove", *a),
+    lambda *a: _run("community channel list", *a), lambda *a: _run("curate review", *a),
+    lambda *a: _press(handlers.CURATE.custom_id(action="approve", item=1), *a),
+    lambda *a: _menu("Approve for training", *a, "m1"),
+    lambda *a: _run("retrain", *a, kind="text"), lambda *a: _run("model versions", *a),
+    lambda *a: _run("model rollback", *a),
+], ids=["channel add", "channel remove", "channel list", "curate review", "curate button", "approve menu",
+        "retrain", "model versions", "model rollback"])
+async def test_non_moderators_are_refused(services: Services, run: Any) -> None:
     responder = Responder()
-    await handler(MEMBER, responder, services, *args)
+    await run(MEMBER, responder, services)
     assert responder.errors and "Only moderators" in responder.errors[0]
     assert await services.adb.run(services.community.channels, GUILD) == []
     assert services.queue.submitted == []
@@ -461,7 +501,7 @@ async def test_moderators_curate_and_members_manage_their_own_data(services: Ser
     assert not member.errors and not mod.errors
 
     dm = Invocation(user_id="u1", source="test")
-    await handlers.privacy_forget(dm, member, services)
+    await _run("privacy forget", dm, member, services)
     assert "only works in a server" in member.errors[-1]
 
 

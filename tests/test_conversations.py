@@ -2,55 +2,43 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
-import sqlite_utils
 
-from bot import conversation
-from bot.commands import Invocation
-from bot.conversation import ChatResponder, build_history, prepare_reply, strip_reasoning
-from bot.settings import Settings
+from bot.core import conversation
+from bot.core.conversation import build_history, prepare_reply, strip_reasoning
+from bot.core.flow import OutputGuard
+from bot.core.invocation import Button, Form, Invocation, Status
+from bot.core.services import Services
 from generators.base import Request
 from generators.text import TextGenerator
-from storage.conversations import ConversationError, ConversationStore, NewTurn, Turn
-from storage.database import AsyncDatabase, open_database
-from storage.guild_config import ConfigStore
+from storage.conversations import ConversationError, NewTurn, Turn
 from storage.jobs import JobRecord
-from storage.personas import PersonaStore
-from storage.safety import SafetyStore
-from tests.test_guild_config import C1, OTHER_G, Stores
+from tests.test_guild_config import C1, OTHER_G, make_services
 
 G = "100000000000000001"
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[sqlite_utils.Database]:
-    database = open_database(tmp_path / "db.sqlite3")
-    yield database
-    database.close()
-
-
 @pytest_asyncio.fixture
-async def stores(db: sqlite_utils.Database) -> AsyncIterator[Stores]:
-    adb = AsyncDatabase()
-    settings = Settings(_env_file=None, system_prompt="GLOBAL")  # type: ignore[call-arg]
-    yield Stores(settings, adb, ConfigStore(db), PersonaStore(db), SafetyStore(db), ConversationStore(db))
-    adb.close()
+async def services(tmp_path: Path) -> AsyncIterator[Services]:
+    services = make_services(tmp_path, system_prompt="GLOBAL")
+    yield services
+    await services.close()
 
 
 def _inv(user: str = "u1", guild: str | None = G) -> Invocation:
     return Invocation(user_id=user, source="test", guild_id=guild, channel_id=C1)
 
 
-async def _exchange(stores: Stores, prompt: str, answer: str, *, prompt_id: str, answer_id: str,
+async def _exchange(services: Services, prompt: str, answer: str, *, prompt_id: str, answer_id: str,
                     reply_to: str | None = None, user: str = "u1") -> conversation.ChatContext:
     """One /chat round: prepare the context, 'generate', record; returns the context used."""
-    context = await conversation.prepare_chat(stores, _inv(user), prompt, reply_to=reply_to)
-    await conversation.record_exchange(stores, _inv(user), context, prompt_message_id=prompt_id, prompt=prompt,
+    context = await conversation.prepare_chat(services, _inv(user), prompt, reply_to=reply_to)
+    await conversation.record_exchange(services, _inv(user), context, prompt_message_id=prompt_id, prompt=prompt,
                                        answer_message_id=answer_id, answer=answer)
     return context
 
@@ -61,51 +49,51 @@ def _pairs(history: list[dict[str, str]]) -> list[tuple[str, str]]:
 
 # --- reply chains ----------------------------------------------------------------------------
 @pytest.mark.asyncio
-async def test_reply_chain_rebuilds_the_history(stores: Stores) -> None:
-    first = await _exchange(stores, "hi", "hello!", prompt_id="i1", answer_id="b1")
+async def test_reply_chain_rebuilds_the_history(services: Services) -> None:
+    first = await _exchange(services, "hi", "hello!", prompt_id="i1", answer_id="b1")
     assert first.history == [] and first.parent_message_id is None
-    second = await _exchange(stores, "how are you?", "fine.", prompt_id="u2", answer_id="b2", reply_to="b1")
+    second = await _exchange(services, "how are you?", "fine.", prompt_id="u2", answer_id="b2", reply_to="b1")
     assert _pairs(second.history) == [("user", "hi"), ("assistant", "hello!")]
     assert second.parent_message_id == "b1"
-    third = await conversation.prepare_chat(stores, _inv(), "and then?", reply_to="b2")
+    third = await conversation.prepare_chat(services, _inv(), "and then?", reply_to="b2")
     assert _pairs(third.history) == [("user", "hi"), ("assistant", "hello!"), ("user", "how are you?"),
                                      ("assistant", "fine.")]
     assert third.job_params()["history"] == third.history
     # Replying to an earlier answer branches: the later turns are not part of that chain.
-    branch = await conversation.prepare_chat(stores, _inv(), "no, back to that", reply_to="b1")
+    branch = await conversation.prepare_chat(services, _inv(), "no, back to that", reply_to="b1")
     assert _pairs(branch.history) == [("user", "hi"), ("assistant", "hello!")]
-    turns = stores.conversations.chain("b2", G)
+    turns = services.conversations.chain("b2", G)
     assert [t.message_id for t in turns] == ["i1", "b1", "u2", "b2"]
     assert [t.parent_message_id for t in turns] == [None, "i1", "b1", "u2"]
     assert len({t.conversation_id for t in turns}) == 1
 
 
 @pytest.mark.asyncio
-async def test_two_concurrent_conversations_stay_separate(stores: Stores) -> None:
-    await _exchange(stores, "A: pick a fruit", "apple", prompt_id="a1", answer_id="ab1", user="alice")
-    await _exchange(stores, "B: pick a colour", "blue", prompt_id="b1", answer_id="bb1", user="bob")
-    await _exchange(stores, "A: another", "banana", prompt_id="a2", answer_id="ab2", reply_to="ab1", user="alice")
-    await _exchange(stores, "B: another", "green", prompt_id="b2", answer_id="bb2", reply_to="bb1", user="bob")
-    alice = await conversation.prepare_chat(stores, _inv("alice"), "A: last", reply_to="ab2")
-    bob = await conversation.prepare_chat(stores, _inv("bob"), "B: last", reply_to="bb2")
+async def test_two_concurrent_conversations_stay_separate(services: Services) -> None:
+    await _exchange(services, "A: pick a fruit", "apple", prompt_id="a1", answer_id="ab1", user="alice")
+    await _exchange(services, "B: pick a colour", "blue", prompt_id="b1", answer_id="bb1", user="bob")
+    await _exchange(services, "A: another", "banana", prompt_id="a2", answer_id="ab2", reply_to="ab1", user="alice")
+    await _exchange(services, "B: another", "green", prompt_id="b2", answer_id="bb2", reply_to="bb1", user="bob")
+    alice = await conversation.prepare_chat(services, _inv("alice"), "A: last", reply_to="ab2")
+    bob = await conversation.prepare_chat(services, _inv("bob"), "B: last", reply_to="bb2")
     assert [c for _, c in _pairs(alice.history)] == ["A: pick a fruit", "apple", "A: another", "banana"]
     assert [c for _, c in _pairs(bob.history)] == ["B: pick a colour", "blue", "B: another", "green"]
-    a_id = stores.conversations.get("ab2", G).conversation_id  # type: ignore[union-attr]
-    b_id = stores.conversations.get("bb2", G).conversation_id  # type: ignore[union-attr]
+    a_id = services.conversations.get("ab2", G).conversation_id  # type: ignore[union-attr]
+    b_id = services.conversations.get("bb2", G).conversation_id  # type: ignore[union-attr]
     assert a_id != b_id
-    assert [t.message_id for t in stores.conversations.conversation(a_id)] == ["a1", "ab1", "a2", "ab2"]
+    assert [t.message_id for t in services.conversations.conversation(a_id)] == ["a1", "ab1", "a2", "ab2"]
 
 
 @pytest.mark.asyncio
-async def test_unknown_or_foreign_reply_starts_a_new_conversation(stores: Stores) -> None:
-    await _exchange(stores, "secret plan", "noted", prompt_id="p1", answer_id="q1")
-    fresh = await conversation.prepare_chat(stores, _inv(), "hello", reply_to="never-recorded")
+async def test_unknown_or_foreign_reply_starts_a_new_conversation(services: Services) -> None:
+    await _exchange(services, "secret plan", "noted", prompt_id="p1", answer_id="q1")
+    fresh = await conversation.prepare_chat(services, _inv(), "hello", reply_to="never-recorded")
     assert fresh.history == [] and fresh.parent_message_id is None
-    foreign = await conversation.prepare_chat(stores, _inv(guild=OTHER_G), "what was it?", reply_to="q1")
+    foreign = await conversation.prepare_chat(services, _inv(guild=OTHER_G), "what was it?", reply_to="q1")
     assert foreign.history == []  # another server cannot continue (or read) this one
     with pytest.raises(ConversationError, match="already recorded"):
-        stores.conversations.add_turns(G, C1, [NewTurn("q1", "user", "u1", "again")])
-    assert [t.content for t in stores.conversations.chain("q1", G)] == ["secret plan", "noted"]
+        services.conversations.add_turns(G, C1, [NewTurn("q1", "user", "u1", "again")])
+    assert [t.content for t in services.conversations.chain("q1", G)] == ["secret plan", "noted"]
 
 
 # --- trimming --------------------------------------------------------------------------------
@@ -199,22 +187,31 @@ def test_prepare_reply_attaches_reasoning_only_when_asked() -> None:
 
 @dataclass
 class Inner:
+    """The front end's responder behind an `OutputGuard`: what reaches the member, in order."""
+
     events: list[tuple[str, object]] = field(default_factory=list)
 
     async def accepted(self, record: JobRecord) -> None:
         self.events.append(("accepted", record.id))
 
-    async def progress(self, text: str) -> None:
-        self.events.append(("progress", text))
+    async def status(self, status: Status) -> None:
+        self.events.append(("status", status.text))
 
-    async def result(self, record: JobRecord) -> None:
+    async def partial(self, text: str) -> None:
+        self.events.append(("partial", text))
+
+    async def result(self, record: JobRecord, buttons: Sequence[Button] = ()) -> str | None:
         self.events.append(("result", record.result))
+        return "answer-message"
 
     async def error(self, message: str) -> None:
         self.events.append(("error", message))
 
-    async def info(self, message: str) -> None:
+    async def info(self, message: str, buttons: Sequence[Button] = ()) -> None:
         self.events.append(("info", message))
+
+    async def form(self, form: Form) -> None:
+        self.events.append(("form", form.title))
 
 
 def _record(text: str) -> JobRecord:
@@ -225,32 +222,33 @@ def _record(text: str) -> JobRecord:
 
 
 @pytest.mark.asyncio
-async def test_chat_responder_hides_reasoning_while_streaming_and_at_the_end(stores: Stores) -> None:
+async def test_output_guard_hides_reasoning_while_streaming_and_at_the_end(services: Services) -> None:
+    services.config.set(G, "attach_reasoning", "true", channel=C1, by="mod")
     inner = Inner()
-    responder = await ChatResponder.create(inner, _inv(), stores, attach_reasoning=True)
-    await responder.accepted(_record(""))
-    await responder.progress("⏳ Queued (job 7) — position 1")
-    await responder.progress("<think>plan the")
-    await responder.progress("<think>plan the answer</think>Hel")
-    await responder.result(_record("<think>plan the answer</think>Hello there"))
+    guard = OutputGuard(_inv(), inner, services, 7)
+    await guard.status(Status(7, "queued", position=1))
+    await guard.partial("<think>plan the")
+    await guard.partial("<think>plan the answer</think>Hel")
+    final = await guard.check(_record("<think>plan the answer</think>Hello there"))
+    assert final is not None
+    await inner.result(final)
     assert inner.events == [
-        ("accepted", 7), ("progress", "⏳ Queued (job 7) — position 1"), ("progress", "⚙️ Thinking…"),
-        ("progress", "Hel"),
+        ("status", "⏳ Queued (job 7) — position 1"), ("status", "⚙️ Thinking…"), ("partial", "Hel"),
         ("result", {"text": "Hello there", "metadata": {"tokens": 5}, "reasoning": "plan the answer"})]
 
 
 @pytest.mark.asyncio
-async def test_chat_responder_withholds_a_blocked_answer_and_logs_it_once(stores: Stores,
-                                                                          db: sqlite_utils.Database) -> None:
-    stores.safety.add(G, "zorblax", by="mod")
+async def test_output_guard_withholds_a_blocked_answer_and_logs_it_once(services: Services) -> None:
+    services.safety.add(G, "zorblax", by="mod")
     inner = Inner()
-    responder = await ChatResponder.create(inner, _inv(), stores)
-    await responder.progress("Sure, the word is zorb")
-    await responder.progress("Sure, the word is zorblax")
-    await responder.progress("Sure, the word is zorblax, again zorblax")
-    await responder.result(_record("Sure, the word is zorblax, again zorblax."))
-    assert [kind for kind, _ in inner.events] == ["progress", "progress", "error"]
-    assert inner.events[1] == ("progress", "⚠️ This answer is being withheld.")
+    guard = OutputGuard(_inv(), inner, services, 7)
+    await guard.partial("Sure, the word is zorb")
+    await guard.partial("Sure, the word is zorblax")
+    await guard.partial("Sure, the word is zorblax, again zorblax")
+    await guard.status(Status(7, "progress", progress=0.9))  # nothing more is shown once withheld
+    assert await guard.check(_record("Sure, the word is zorblax, again zorblax.")) is None
+    assert [kind for kind, _ in inner.events] == ["partial", "status", "error"]
+    assert inner.events[1] == ("status", "⚠️ This answer is being withheld.")
     assert inner.events[2][1] == "🚫 The answer was withheld: it contained a word or pattern this server has blocked."
-    rows = db.execute("SELECT kind, rule, category FROM safety_log").fetchall()
+    rows = services.db.execute("SELECT kind, rule, category FROM safety_log").fetchall()
     assert rows == [("text-output", "blocklist #1", "blocklist")]

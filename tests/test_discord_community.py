@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from bot.services import Services
+from bot.core.services import Services
 from tests.discord_bots import RecordingGenerator, command, make_bot, reply_text
 from tests.fakediscord import FakeDiscord, StoredMessage, payloads, running_client
 from tests.scripted import ScriptedGenerator
@@ -98,11 +98,10 @@ async def test_channel_add_warns_without_the_message_content_intent(fake_discord
     async with running_client(bot, fake):
         interaction = await fake.dispatch_interaction(fake.slash_command("community channel add", {},
                                                                          user=fake.moderator))
-        await reply_text(fake, interaction)
-        warning = await fake.wait_until(lambda: [m.content for m in fake.followups(interaction)])
+        reply = await reply_text(fake, interaction)
         await fake.send_user_message("Text the bot cannot read without the intent")
         await captured(services, 1)
-    assert warning[0].startswith("⚠️ The Message Content intent is off")
+    assert reply.splitlines()[-1].startswith("⚠️ The Message Content intent is off")
     assert services.capture.dropped == 1 and await items(services, fake.guild_id) == []
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from bot.conversation import PER_TURN_TOKENS, estimate_tokens
+from bot.core.conversation import PER_TURN_TOKENS, estimate_tokens
 from generators.base import Request, Result
 from generators.text import TextGenerator
 from tests.discord_bots import (

@@ -96,7 +96,7 @@ async def test_persona_and_settings_apply_channel_over_server_over_global(fake_d
         interaction = await fake.dispatch_interaction(
             fake.slash_command("chat", {"prompt": prompt, **options}, channel_id=channel))
         answer = await chat_answer(fake, interaction)
-        [job] = [int(c.rsplit(":", 1)[1]) for c in answer.custom_ids()]
+        [job] = [int(c.rsplit(":", 1)[1]) for c in answer.custom_ids() if c.startswith("aigc:regen:")]
         return {**text.params[-1], "model": (await services.queue.get(job)).model}
 
     async with running_client(bot, fake):

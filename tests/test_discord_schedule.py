@@ -46,7 +46,7 @@ async def test_schedules_are_validated_and_fire_text_and_image_posts(fake_discor
         run = await fake.dispatch_interaction(fake.slash_command("schedule run", {"id": 2}, user=mod))
         ran = await fake.wait_until(lambda: [m for m in shown(fake, run) if "posted" in m[0]])
     assert "is not a cron expression" in invalid and "'*/30 * * * *'" in invalid  # a clear error, an example
-    assert refused == "Only moderators can manage scheduled posts."
+    assert refused == "Only moderators can use /schedule add."
     assert added.startswith("Added schedule #1: hourly [UTC] · text → <#" + news["id"] + ">")
     assert "#1 · hourly" in listing and "#2 · hourly" in listing
     assert [f.status for f in firings] == ["posted", "posted"]

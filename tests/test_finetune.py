@@ -17,9 +17,9 @@ import pytest
 import pytest_asyncio
 import torch
 
+from bot.core.curation import content_hash
 from generators.adapters import AdapterTextGenerator, GuildAdapters
 from generators.base import Request
-from generators.curation import content_hash
 from generators.finetune_gate import GateConfig, decide
 from generators.finetune_image import ImageTuneConfig
 from generators.finetune_text import (
@@ -372,13 +372,12 @@ def test_cli_trains_a_server_now_and_prints_the_outcome(bot_env: Path, capsys: p
     import argparse
     import json
 
-    from bot.cli_train import add_train_parser, cmd_train
-    from bot.community import community_files_dir
+    from bot.cli.train import add_train_parser, cmd_train
     from bot.settings import load_settings
 
     settings = load_settings()
     db = open_database(settings.db_file)
-    _approve(CommunityStore(db, community_files_dir(settings)), community_corpus(60))
+    _approve(CommunityStore(db, settings.community_dir), community_corpus(60))
     db.close()
     parser = argparse.ArgumentParser()
     add_train_parser(parser.add_subparsers(dest="command"))

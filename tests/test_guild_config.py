@@ -2,54 +2,77 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 import pytest_asyncio
 import sqlite_utils
 
-from bot import moderation
-from bot.commands import Invocation
-from bot.settings import Settings
-from generators.safety import RuleCache
-from storage.conversations import ConversationStore
-from storage.database import AsyncDatabase, open_database
+from bot.commands import CATALOGUE
+from bot.commands.moderation import config_reset, config_set, config_show
+from bot.core.catalogue import run_command
+from bot.core.invocation import Button, Form, Invocation, Status
+from bot.core.services import Services
+from bot.settings import load_settings
+from storage.database import open_database
 from storage.guild_config import KEYS, ConfigError, ConfigStore
+from storage.jobs import JobRecord
 from storage.personas import PersonaStore
-from storage.safety import SafetyStore
 
 G, OTHER_G = "100000000000000001", "100000000000000002"
 C1, C2 = "200000000000000001", "200000000000000002"
 
 
-@dataclass
-class Stores:
-    """The slice of bot.services.Services the moderation handlers use."""
+def make_services(tmp_path: Path, **settings: Any) -> Services:
+    """The bot's real composition root on a fresh data folder (each part is built on first use)."""
+    return Services(load_settings(_env_file=None, data_dir=tmp_path / "data", **settings),
+                    commands=CATALOGUE.switchable())
 
-    settings: Settings
-    adb: AsyncDatabase
-    config: ConfigStore
-    personas: PersonaStore
-    safety: SafetyStore
-    conversations: ConversationStore
-    rule_cache: RuleCache = field(default_factory=RuleCache)
+
+async def run(path: str, inv: Invocation, responder: Recorder, services: Services, **values: Any) -> Any:
+    """Run a declared command as every front end does: through the catalogue, which refuses
+    non-moderators, direct messages and disabled commands before the handler runs."""
+    command = CATALOGUE.command(path.split())
+    assert command is not None, path
+    return await run_command(command, inv, responder, services, values)
 
 
 @dataclass
 class Recorder:
+    """A Responder that keeps what it was told."""
+
     infos: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    statuses: list[Status] = field(default_factory=list)
+    partials: list[str] = field(default_factory=list)
+    results: list[JobRecord] = field(default_factory=list)
+    buttons: list[tuple[Button, ...]] = field(default_factory=list)
+    forms: list[Form] = field(default_factory=list)
 
-    async def progress(self, text: str) -> None: ...
-    async def result(self, record: object) -> None: ...
+    async def accepted(self, record: JobRecord) -> None: ...
+
+    async def status(self, status: Status) -> None:
+        self.statuses.append(status)
+
+    async def partial(self, text: str) -> None:
+        self.partials.append(text)
+
+    async def result(self, record: JobRecord, buttons: Sequence[Button] = ()) -> str | None:
+        self.results.append(record)
+        return f"answer-{record.id}"
 
     async def error(self, message: str) -> None:
         self.errors.append(message)
 
-    async def info(self, message: str) -> None:
+    async def info(self, message: str, buttons: Sequence[Button] = ()) -> None:
         self.infos.append(message)
+        self.buttons.append(tuple(buttons))
+
+    async def form(self, form: Form) -> None:
+        self.forms.append(form)
 
 
 @pytest.fixture
@@ -61,16 +84,15 @@ def db(tmp_path: Path) -> Iterator[sqlite_utils.Database]:
 
 @pytest.fixture
 def store(db: sqlite_utils.Database) -> ConfigStore:
-    return ConfigStore(db, commands=moderation.KNOWN_COMMANDS, clock=lambda: 1000.0)
+    return ConfigStore(db, commands=CATALOGUE.switchable(), clock=lambda: 1000.0)
 
 
 @pytest_asyncio.fixture
-async def stores(db: sqlite_utils.Database, store: ConfigStore) -> AsyncIterator[Stores]:
-    adb = AsyncDatabase()
-    settings = Settings(_env_file=None, system_prompt="GLOBAL", text_model="smollm2",  # type: ignore[call-arg]
-                        max_pending_per_user=5, discord_moderator_role="Moderator")
-    yield Stores(settings, adb, store, PersonaStore(db), SafetyStore(db), ConversationStore(db))
-    adb.close()
+async def services(tmp_path: Path) -> AsyncIterator[Services]:
+    services = make_services(tmp_path, system_prompt="GLOBAL", text_model="smollm2", max_pending_per_user=5,
+                             discord_moderator_role="Moderator")
+    yield services
+    await services.close()
 
 
 def _rows(db: sqlite_utils.Database) -> list[tuple[object, ...]]:
@@ -110,6 +132,12 @@ GOOD = {
     "default_model.image": ("tiny-diffusion", "tiny-diffusion"),
     "default_model.audio": ("hibari", "hibari"),
     "max_pending_per_user": (" 7 ", 7),
+    "cooldown.text": ("30", 30),
+    "cooldown.image": ("5m", 300),
+    "cooldown.audio": (" 2H ", 7200),
+    "daily_quota.text": ("20", 20),
+    "daily_quota.image": ("0", 0),
+    "daily_quota.audio": ("100000", 100000),
     "timezone": ("America/New_York", "America/New_York"),
     "moderator_role": ("<@&300000000000000003>", "300000000000000003"),
     "modlog_channel": ("<#200000000000000009>", "200000000000000009"),
@@ -128,6 +156,16 @@ BAD = [
     ("max_pending_per_user", "101", "expected a whole number from 1 to 100"),
     ("max_pending_per_user", "five", "expected a whole number from 1 to 100"),
     ("max_pending_per_user", "2.5", "expected a whole number from 1 to 100"),
+    ("cooldown.text", "86401", "expected seconds from 0 to 86400 (0 = none), such as 30, 30s, 5m or 2h"),
+    ("cooldown.text", "25h", "expected seconds from 0 to 86400"),
+    ("cooldown.image", "1.5m", "expected seconds from 0 to 86400"),
+    ("cooldown.image", "-30", "expected seconds from 0 to 86400"),
+    ("cooldown.audio", "5d", "expected seconds from 0 to 86400"),
+    ("cooldown.audio", "", "expected seconds from 0 to 86400"),
+    ("daily_quota.text", "100001", "expected a whole number from 0 to 100000 (0 = unlimited), such as 20"),
+    ("daily_quota.image", "-1", "expected a whole number from 0 to 100000"),
+    ("daily_quota.audio", "twenty", "expected a whole number from 0 to 100000"),
+    ("daily_quota.audio", "2.5", "expected a whole number from 0 to 100000"),
     ("timezone", "Mars/Olympus_Mons", "expected an IANA time zone such as Europe/Paris"),
     ("timezone", "../../etc/passwd", "expected an IANA time zone such as Europe/Paris"),
     ("timezone", "", "expected an IANA time zone such as Europe/Paris"),
@@ -173,6 +211,13 @@ def test_bad_value_is_one_clear_line_and_changes_nothing(store: ConfigStore, db:
     assert _rows(db) == before
 
 
+@pytest.mark.parametrize(("text", "seconds"), [("0", 0), ("45", 45), ("30s", 30), ("5 m", 300), ("2h", 7200),
+                                               ("24h", 86400), ("86400s", 86400)])
+def test_cooldown_accepts_seconds_minutes_and_hours(store: ConfigStore, text: str, seconds: int) -> None:
+    assert store.set(G, "cooldown.image", text, by="mod") == seconds
+    assert store.effective("cooldown.image", G, C1, {"cooldown.image": 0}) == seconds
+
+
 def test_channel_only_key_and_unknown_key_are_refused(store: ConfigStore, db: sqlite_utils.Database) -> None:
     with pytest.raises(ConfigError, match=r"^age_restricted: can only be set for a channel"):
         store.set(G, "age_restricted", "true", by="mod")
@@ -200,52 +245,58 @@ def _inv(moderator: bool = True, guild: str | None = G, channel: str | None = C1
 
 
 @pytest.mark.asyncio
-async def test_config_handlers_refuse_non_moderators_and_direct_messages(stores: Stores,
-                                                                         db: sqlite_utils.Database) -> None:
+async def test_config_handlers_refuse_non_moderators_and_direct_messages(services: Services) -> None:
     out = Recorder()
-    await moderation.config_set(_inv(moderator=False), out, stores, "timezone", "Europe/Paris")
-    await moderation.config_reset(_inv(moderator=False), out, stores, "timezone")
-    await moderation.config_show(_inv(moderator=False), out, stores)
-    await moderation.config_set(_inv(guild=None), out, stores, "timezone", "Europe/Paris")
-    assert out.errors == ["Only moderators can use /config."] * 3 + ["/config only works in a server."]
-    assert out.infos == [] and _rows(db) == []
+    await run("config set", _inv(moderator=False), out, services, key="timezone", value="Europe/Paris")
+    await run("config reset", _inv(moderator=False), out, services, key="timezone")
+    await run("config show", _inv(moderator=False), out, services)
+    await run("config set", _inv(guild=None), out, services, key="timezone", value="Europe/Paris")
+    assert out.errors == ["Only moderators can use /config set.", "Only moderators can use /config reset.",
+                          "Only moderators can use /config show.", "/config set only works in a server."]
+    assert out.infos == [] and _rows(services.db) == []
 
 
 @pytest.mark.asyncio
-async def test_config_handlers_set_show_and_reset(stores: Stores) -> None:
+async def test_config_handlers_set_show_and_reset(services: Services) -> None:
     out = Recorder()
-    await moderation.config_set(_inv(), out, stores, "max_pending_per_user", "3")
-    await moderation.config_set(_inv(), out, stores, "age_restricted", "true")  # channel-only: this channel
-    await moderation.config_set(_inv(), out, stores, "timezone", "Nowhere/Special")
+    await config_set(_inv(), out, services, "max_pending_per_user", "3")
+    await config_set(_inv(), out, services, "age_restricted", "true")  # channel-only: this channel
+    await config_set(_inv(), out, services, "timezone", "Nowhere/Special")
     assert out.infos == ["Set max_pending_per_user to 3 for this server.",
                          f"Set age_restricted to true for channel <#{C1}>."]
     assert out.errors == ["timezone: expected an IANA time zone such as Europe/Paris"]
-    assert await moderation.effective(stores, _inv(), "max_pending_per_user") == 3
-    assert await moderation.effective(stores, _inv(channel=C2), "age_restricted") is False
-    assert await moderation.effective(stores, _inv(), "age_restricted") is True
-    await moderation.config_show(_inv(), out, stores)
+    moderation = services.moderation
+    assert await moderation.effective(_inv(), "max_pending_per_user") == 3
+    assert await moderation.effective(_inv(channel=C2), "age_restricted") is False
+    assert await moderation.effective(_inv(), "age_restricted") is True
+    await config_show(_inv(), out, services)
     shown = out.infos[-1].splitlines()
     assert "max_pending_per_user = 3 (server)" in shown
     assert "age_restricted = true (channel)" in shown
     assert "default_model.text = smollm2 (default)" in shown
-    await moderation.config_reset(_inv(), out, stores, "max_pending_per_user")
+    await config_reset(_inv(), out, services, "max_pending_per_user")
     assert out.infos[-1] == "Reset max_pending_per_user for this server; it is now 5 (default)."
-    await moderation.config_reset(_inv(), out, stores, "max_pending_per_user")
+    await config_reset(_inv(), out, services, "max_pending_per_user")
     assert out.errors[-1] == "max_pending_per_user was not set for this server."
 
 
 @pytest.mark.asyncio
-async def test_enabled_commands_and_moderator_role(stores: Stores) -> None:
+async def test_enabled_commands_and_moderator_role(services: Services) -> None:
     out = Recorder()
-    assert await moderation.command_allowed(stores, _inv(), "imagine") is None
-    await moderation.config_set(_inv(), out, stores, "enabled_commands", "chat", channel=C1)
-    refusal = await moderation.command_allowed(stores, _inv(), "imagine")
+    moderation = services.moderation
+    assert await moderation.command_allowed(_inv(), "imagine") is None
+    await config_set(_inv(), out, services, "enabled_commands", "chat", channel=C1)
+    refusal = await moderation.command_allowed(_inv(), "imagine")
     assert refusal == "/imagine is not enabled here. Enabled: /chat."
-    assert await moderation.command_allowed(stores, _inv(), "chat") is None
-    assert await moderation.command_allowed(stores, _inv(), "config") is None  # never locked out
-    assert await moderation.command_allowed(stores, _inv(channel=C2), "imagine") is None
+    assert await moderation.command_allowed(_inv(), "chat") is None
+    # The catalogue applies enabled_commands to the commands a server may switch off, never to /config.
+    await run("help", _inv(), out, services)
+    assert out.errors == ["/help is not enabled here. Enabled: /chat."]
+    await run("config show", _inv(), out, services)  # never locked out
+    assert out.errors == ["/help is not enabled here. Enabled: /chat."] and out.infos[-1].startswith("Settings for")
+    assert await moderation.command_allowed(_inv(channel=C2), "imagine") is None
     # The moderator role: the global default, then the server's own.
-    assert await moderation.moderator_role(stores, G) == "Moderator"
-    await moderation.config_set(_inv(), out, stores, "moderator_role", "<@&300000000000000003>")
-    assert await moderation.moderator_role(stores, G) == "300000000000000003"
-    assert await moderation.moderator_role(stores, OTHER_G) == "Moderator"
+    assert await moderation.moderator_role(G) == "Moderator"
+    await config_set(_inv(), out, services, "moderator_role", "<@&300000000000000003>")
+    assert await moderation.moderator_role(G) == "300000000000000003"
+    assert await moderation.moderator_role(OTHER_G) == "Moderator"

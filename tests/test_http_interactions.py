@@ -1,8 +1,9 @@
-"""The HTTP interactions endpoint (`bot.http_app`) and its REST client (`bot.rest`), end to end.
+"""The HTTP interactions endpoint (`bot.discord.http`), end to end.
 
 The endpoint is a real aiohttp server on loopback; the fake Discord signs and POSTs the
-interactions and serves the REST API the bot answers through. Every REST request and
-every HTTP reply is validated against Discord's OpenAPI spec by the fixture's teardown.
+interactions and serves the REST API the bot answers through (discord.py's client, logged in
+without a gateway). Every REST request and every HTTP reply is validated against Discord's
+OpenAPI spec by the fixture's teardown.
 """
 
 from __future__ import annotations
@@ -18,16 +19,17 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import discord
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from aiohttp.test_utils import TestServer
 from PIL import Image
 
-from bot.gateway import AigcBot
-from bot.http_app import command_definitions, create_app, register_commands
-from bot.rest import DiscordHTTPError, RestClient, route_key
-from bot.services import Services, build_services, make_registry
+from bot.commands import CATALOGUE
+from bot.core.services import Services
+from bot.discord.gateway import AigcBot, gateway_services
+from bot.discord.http import create_app, http_client, start_http
+from bot.discord.poster import DiscordPoster
 from bot.settings import load_settings
 from generators.base import Output, Request, Result
 from generators.registry import ModelRegistry
@@ -51,7 +53,7 @@ class PictureGenerator(ScriptedGenerator):
 class HttpBot:
     url: str
     services: Services
-    rest: RestClient
+    client: discord.Client
 
 
 @pytest_asyncio.fixture
@@ -59,7 +61,7 @@ async def make_http_bot(fake_discord: FakeDiscord, tmp_path: Path, tiny_model_di
                         monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[..., Any]]:
     """``await make(generators, token_window_s=..., **settings)`` → a served endpoint, commands registered."""
     fake = fake_discord
-    started: list[tuple[TestServer, RestClient, Services]] = []
+    started: list[tuple[TestServer, discord.Client, Services]] = []
     monkeypatch.chdir(tmp_path)
 
     async def make(generators: dict[str, Any] | None = None, *, token_window_s: float = 870.0,
@@ -68,25 +70,25 @@ async def make_http_bot(fake_discord: FakeDiscord, tmp_path: Path, tiny_model_di
             data_dir=tmp_path / "data", text_model=str(tiny_model_dir), discord_token=TOKEN,
             discord_application_id=int(fake.app_id), discord_dev_guild_ids=[int(fake.guild_id)],
             discord_api_base=fake.api_base, discord_public_key=fake.public_key, **overrides)
-        registry = make_registry(settings)
+        registry = None
         if generators is not None:
             registry = ModelRegistry({k: (lambda _n, g=g: g) for k, g in generators.items()},
                                      {k: "m" for k in generators}, budget_bytes=2**30)
-        services = await build_services(settings, registry=registry)
-        rest = RestClient(settings.discord_token, settings.discord_api_base)
-        definitions = await command_definitions()
-        await register_commands(rest, settings, definitions)  # what run_http does at start
-        server = TestServer(create_app(services, settings, rest, definitions=definitions,
-                                       token_window_s=token_window_s), host="127.0.0.1")
+        client = http_client(settings)
+        services = Services(settings, target=DiscordPoster(client), commands=CATALOGUE.switchable(),
+                            registry=registry)
+        endpoint = await start_http(settings, client, services)  # what run_http does at start
+        endpoint.token_window_s = token_window_s
+        server = TestServer(create_app(endpoint), host="127.0.0.1")
         await server.start_server()
-        started.append((server, rest, services))
-        return HttpBot(str(server.make_url("/interactions")), services, rest)
+        started.append((server, client, services))
+        return HttpBot(str(server.make_url("/interactions")), services, client)
 
     yield make
-    for server, rest, services in reversed(started):
+    for server, client, services in reversed(started):
         await server.close()  # cancels the endpoint's background tasks
-        await rest.close()
         await services.close()
+        await client.close()
 
 
 def _final(fake: FakeDiscord, interaction: Any, custom_id: str) -> Any:
@@ -182,7 +184,7 @@ async def test_cancel_button_refuses_strangers_and_obeys_the_requester(fake_disc
     assert (await bot.services.queue.get(1)).status == "running"
 
     accepted = await fake.post_interaction(bot.url, fake.component_click("aigc:cancel:1", message=running))
-    assert accepted.json["data"]["content"].startswith("Job 1:") and accepted.json["data"]["flags"] & 64
+    assert accepted.json["data"]["content"].startswith("Job 1 ") and accepted.json["data"]["flags"] & 64
     assert (await asyncio.wait_for(bot.services.queue.wait(1), 10)).status == "cancelled"
     [notice] = await fake.wait_until(lambda: fake.followups(reply.interaction), timeout=5)
     assert notice.ephemeral and "cancelled" in notice.content
@@ -219,7 +221,7 @@ async def test_queue_help_cancel_and_autocomplete_answer_in_the_reply(fake_disco
     assert choices["type"] == 8 and [c["value"] for c in choices["data"]["choices"]] == [2]
     other = fake.add_member(fake.guild_id, fake.add_user("other"))
     denied = (await fake.post_interaction(bot.url, fake.slash_command("cancel", {"job": 2}, user=other))).json
-    assert "your own jobs" in denied["data"]["content"] and denied["data"]["flags"] & 64
+    assert "Only the person" in denied["data"]["content"] and denied["data"]["flags"] & 64
     by_moderator = await fake.post_interaction(bot.url, fake.slash_command("cancel", {"job": 2}, user=fake.moderator))
     assert by_moderator.json["data"]["content"] == "Job 2 cancelled."
     helped = (await fake.post_interaction(bot.url, fake.slash_command("help"))).json["data"]
@@ -255,54 +257,6 @@ async def test_route_and_global_429s_are_survived(fake_discord: FakeDiscord, mak
     after = min(r.time for r in fake.find_requests("PATCH", r"/messages/@original$") if r.time > route.hits[0].time)
     assert after - route.hits[0].time >= 0.29
 
-    # A global 429 on one route holds back every other route until it passes.
-    rest = RestClient(TOKEN, fake.api_base)
-    try:
-        blocked = fake.rate_limit_next("GET", r"/users/@me$", retry_after=0.4, global_=True)
-        me = asyncio.create_task(rest.get_me())
-        await fake.wait_until(lambda: blocked.hits, timeout=5)
-        await rest.bulk_overwrite_commands(fake.app_id, [], guild_id=fake.guild_id)
-        assert (await me)["id"] == fake.app_id
-    finally:
-        await rest.close()
-    [put] = fake.find_requests("PUT", r"/guilds/\d+/commands$")[-1:]
-    assert put.time - blocked.hits[0].time >= 0.39 and rest.retries == 1
-
-
-@pytest.mark.asyncio
-async def test_rest_client_waits_for_an_exhausted_bucket_and_hides_the_token(fake_discord: FakeDiscord) -> None:
-    times: list[float] = []
-
-    async def limited(request: web.Request) -> web.Response:
-        times.append(time.monotonic())
-        headers = {"X-RateLimit-Bucket": "abc", "X-RateLimit-Remaining": "0", "X-RateLimit-Reset-After": "0.3"}
-        return web.json_response({"id": request.match_info["channel"]}, headers=headers)
-
-    app = web.Application()
-    app.router.add_post("/api/v10/channels/{channel}/messages", limited)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    rest = RestClient("s3cret-token", str(server.make_url("/api/v10")))
-    try:
-        await rest.create_message(1234567890, "one")
-        await rest.create_message(1234567890, "two")  # same bucket, none left: waits for the reset
-        await rest.create_message(9876543210, "three")  # another channel is another bucket
-    finally:
-        await rest.close()
-        await server.close()
-    assert times[1] - times[0] >= 0.28 and times[2] - times[1] < 0.2
-
-    wrong = RestClient("s3cret-token", fake_discord.api_base)
-    try:
-        with pytest.raises(DiscordHTTPError) as caught:
-            await wrong.get_me()
-    finally:
-        await wrong.close()
-    assert caught.value.status == 401 and "s3cret" not in str(caught.value) and "s3cret" not in repr(wrong)
-    assert route_key("PATCH", "/webhooks/1234567/tok/messages/@original") == \
-        "PATCH /webhooks/1234567/tok/messages/@original"
-    assert route_key("DELETE", "/channels/123456/messages/987654") == "DELETE /channels/123456/messages/{id}"
-
 
 @pytest.mark.asyncio
 async def test_late_results_go_to_the_channel_or_expire(fake_discord: FakeDiscord, make_http_bot: Any) -> None:
@@ -334,12 +288,12 @@ async def test_registered_commands_match_the_gateway_bot(fake_discord: FakeDisco
                              discord_dev_guild_ids=[int(gateway_fake.guild_id)],
                              discord_api_base=gateway_fake.api_base, discord_gateway_url=gateway_fake.gateway_url)
     registry = ModelRegistry({"text": lambda _n: ScriptedGenerator()}, {"text": "m"}, budget_bytes=2**30)
-    services = await build_services(settings, registry=registry)
+    bot = AigcBot(settings, gateway_services(settings, registry=registry), guild_ready_timeout=0.05)
     try:
-        async with running_client(AigcBot(services, guild_ready_timeout=0.05), gateway_fake):
+        async with running_client(bot, gateway_fake):
             await gateway_fake.wait_until(lambda: gateway_fake.commands(gateway_fake.guild_id), timeout=5)
     finally:
-        await services.close()
+        await bot.services.close()
     over_gateway = gateway_fake.commands(gateway_fake.guild_id)
 
     def comparable(commands: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -9,15 +9,14 @@ import pytest
 import pytest_asyncio
 import sqlite_utils
 
-from bot import conversation, moderation
-from bot.commands import Invocation
-from bot.settings import Settings
-from storage.conversations import ConversationStore
-from storage.database import AsyncDatabase, open_database
+from bot.commands import moderation
+from bot.core import conversation
+from bot.core.invocation import Invocation
+from bot.core.services import Services
+from storage.database import open_database
 from storage.guild_config import ConfigStore
 from storage.personas import MAX_SYSTEM_PROMPT, PersonaError, PersonaStore
-from storage.safety import SafetyStore
-from tests.test_guild_config import C1, C2, OTHER_G, Recorder, Stores
+from tests.test_guild_config import C1, C2, OTHER_G, Recorder, make_services, run
 
 G = "100000000000000001"
 
@@ -35,11 +34,10 @@ def personas(db: sqlite_utils.Database) -> PersonaStore:
 
 
 @pytest_asyncio.fixture
-async def stores(db: sqlite_utils.Database, personas: PersonaStore) -> AsyncIterator[Stores]:
-    adb = AsyncDatabase()
-    settings = Settings(_env_file=None, system_prompt="GLOBAL")  # type: ignore[call-arg]
-    yield Stores(settings, adb, ConfigStore(db), personas, SafetyStore(db), ConversationStore(db))
-    adb.close()
+async def services(tmp_path: Path) -> AsyncIterator[Services]:
+    services = make_services(tmp_path, system_prompt="GLOBAL")
+    yield services
+    await services.close()
 
 
 def _inv(moderator: bool = True, guild: str | None = G, channel: str | None = C1) -> Invocation:
@@ -154,28 +152,30 @@ def test_job_params_put_user_options_over_persona_defaults() -> None:
 
 
 @pytest.mark.asyncio
-async def test_persona_handlers(stores: Stores, personas: PersonaStore) -> None:
+async def test_persona_handlers(services: Services) -> None:
     out = Recorder()
-    await moderation.persona_add(_inv(moderator=False), out, stores, "pirate", "Arr.")
-    await moderation.persona_list(_inv(moderator=False), out, stores)
-    await moderation.persona_remove(_inv(guild=None), out, stores, "pirate")
-    assert out.errors == ["Only moderators can use /persona."] * 2 + ["/persona only works in a server."]
+    personas = services.personas
+    await run("persona add", _inv(moderator=False), out, services, name="pirate", system_prompt="Arr.")
+    await run("persona list", _inv(moderator=False), out, services)
+    await run("persona remove", _inv(guild=None), out, services, name="pirate")
+    assert out.errors == ["Only moderators can use /persona add.", "Only moderators can use /persona list.",
+                          "/persona remove only works in a server."]
     assert personas.for_guild(G) == []
 
-    await moderation.persona_add(_inv(), out, stores, "Pirate", "Talk like a pirate.", "temperature=1.1")
-    await moderation.persona_add(_inv(), out, stores, "robot", "Beep.", {"temperature": 9})
+    await moderation.persona_add(_inv(), out, services, "Pirate", "Talk like a pirate.", "temperature=1.1")
+    await moderation.persona_add(_inv(), out, services, "robot", "Beep.", {"temperature": 9})
     assert out.infos == ["Added persona pirate: Talk like a pirate. [temperature=1.1]"]
     assert out.errors[-1] == "temperature: expected a number from 0 to 2"
-    await moderation.persona_edit(_inv(), out, stores, "pirate", sampling={"top_k": 20})
+    await moderation.persona_edit(_inv(), out, services, "pirate", sampling={"top_k": 20})
     assert out.infos[-1] == "Updated persona pirate: Talk like a pirate. [top_k=20]"
-    await moderation.persona_edit(_inv(), out, stores, "pirate")
+    await moderation.persona_edit(_inv(), out, services, "pirate")
     assert out.errors[-1] == "Give a new system prompt, new sampling defaults, or both."
-    await moderation.persona_list(_inv(), out, stores)
+    await moderation.persona_list(_inv(), out, services)
     assert out.infos[-1] == "pirate: Talk like a pirate. [top_k=20]"
-    await moderation.config_set(_inv(), out, stores, "persona", "pirate")
-    assert (await conversation.resolve_persona(stores, _inv())).name == "pirate"
-    await moderation.persona_remove(_inv(), out, stores, "pirate")
+    await moderation.config_set(_inv(), out, services, "persona", "pirate")
+    assert (await conversation.resolve_persona(services, _inv())).name == "pirate"
+    await moderation.persona_remove(_inv(), out, services, "pirate")
     assert out.infos[-1].startswith("Removed persona pirate")
-    assert (await conversation.resolve_persona(stores, _inv())).system_prompt == "GLOBAL"
-    await moderation.persona_remove(_inv(), out, stores, "pirate")
+    assert (await conversation.resolve_persona(services, _inv())).system_prompt == "GLOBAL"
+    await moderation.persona_remove(_inv(), out, services, "pirate")
     assert out.errors[-1] == "There is no persona named 'pirate'."

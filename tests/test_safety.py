@@ -3,17 +3,17 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
 import sqlite_utils
 
-from bot import moderation
-from bot.commands import Invocation
-from bot.settings import Settings
-from generators.safety import (
+from bot.commands import moderation
+from bot.core.flow import OutputGuard
+from bot.core.invocation import Invocation
+from bot.core.safety import (
     OVERLAP,
     WINDOW,
     RuleCache,
@@ -25,29 +25,23 @@ from generators.safety import (
     regex_problem,
     validate_rule,
 )
-from storage.conversations import ConversationStore
-from storage.database import AsyncDatabase, open_database
-from storage.guild_config import ConfigStore
-from storage.personas import PersonaStore
-from storage.safety import SafetyStore
-from tests.test_guild_config import C1, C2, Recorder, Stores
+from bot.core.services import Services
+from storage.jobs import JobRecord
+from tests.test_guild_config import C1, C2, Recorder, make_services, run
 
 G = "100000000000000001"
 
 
-@pytest.fixture
-def db(tmp_path: Path) -> Iterator[sqlite_utils.Database]:
-    database = open_database(tmp_path / "db.sqlite3")
-    yield database
-    database.close()
-
-
 @pytest_asyncio.fixture
-async def stores(db: sqlite_utils.Database) -> AsyncIterator[Stores]:
-    adb = AsyncDatabase()
-    settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    yield Stores(settings, adb, ConfigStore(db), PersonaStore(db), SafetyStore(db), ConversationStore(db))
-    adb.close()
+async def services(tmp_path: Path) -> AsyncIterator[Services]:
+    services = make_services(tmp_path)
+    yield services
+    await services.close()
+
+
+@pytest.fixture
+def db(services: Services) -> sqlite_utils.Database:
+    return services.db
 
 
 def _inv(moderator: bool = False, guild: str | None = G, channel: str | None = C1) -> Invocation:
@@ -57,6 +51,16 @@ def _inv(moderator: bool = False, guild: str | None = G, channel: str | None = C
 def _rules(*entries: str | tuple[str, bool]) -> ServerRules:
     return ServerRules.compile(
         ServerRule(e, False) if isinstance(e, str) else ServerRule(e[0], e[1]) for e in entries)
+
+
+async def guard_prompt(inv: Invocation, services: Services, kind: str, prompt: str) -> str | None:
+    return await services.moderation.guard_prompt(inv, kind, prompt, f"a {kind} prompt")
+
+
+def _answer(text: str) -> JobRecord:
+    return JobRecord(id=7, kind="text", model="m", source="test", requester="u1", guild=G, channel=C1, prompt="p",
+                     params={}, delivery={}, status="succeeded", priority=0, attempts=1, cancel_requested=False,
+                     worker=None, created_at=0.0, started_at=0.0, finished_at=1.0, error=None, result={"text": text})
 
 
 def _log(db: sqlite_utils.Database) -> list[tuple[object, ...]]:
@@ -223,14 +227,14 @@ def test_rule_cache_compiles_each_entry_once_and_stays_bounded() -> None:
 # --- guard, log and handlers -----------------------------------------------------------------
 @pytest.mark.asyncio
 @pytest.mark.parametrize("kind", ["text", "image", "audio"])
-async def test_blocked_prompt_is_refused_and_logged_for_every_kind(stores: Stores, db: sqlite_utils.Database,
+async def test_blocked_prompt_is_refused_and_logged_for_every_kind(services: Services, db: sqlite_utils.Database,
                                                                    kind: str) -> None:
-    stores.safety.add(G, "zorblax", by="mod")
-    refusal = await moderation.guard_prompt(_inv(), stores, kind, "draw a Z0RBLAX please")
+    services.safety.add(G, "zorblax", by="mod")
+    refusal = await guard_prompt(_inv(), services, kind, "draw a Z0RBLAX please")
     assert refusal == "🚫 Request refused: it asks for a word or pattern this server has blocked."
-    refusal = await moderation.guard_prompt(_inv(), stores, kind, "how do i kill myself")
+    refusal = await guard_prompt(_inv(), services, kind, "how do i kill myself")
     assert refusal is not None and "crisis line" in refusal
-    assert await moderation.guard_prompt(_inv(), stores, kind, "a cat in a hat") is None
+    assert await guard_prompt(_inv(), services, kind, "a cat in a hat") is None
     assert _log(db) == [
         (G, C1, "u1", kind, "draw a Z0RBLAX please", "blocklist #1", "blocklist"),
         (G, C1, "u1", kind, "how do i kill myself", "builtin:self-harm-method", "self_harm"),
@@ -238,49 +242,50 @@ async def test_blocked_prompt_is_refused_and_logged_for_every_kind(stores: Store
 
 
 @pytest.mark.asyncio
-async def test_guard_uses_the_channel_age_restriction(stores: Stores, db: sqlite_utils.Database) -> None:
-    stores.config.set(G, "age_restricted", "true", channel=C1, by="mod")
-    assert await moderation.guard_prompt(_inv(channel=C1), stores, "text", "I will kill you") is None
-    assert await moderation.guard_prompt(_inv(channel=C2), stores, "text", "I will kill you") is not None
-    assert await moderation.guard_prompt(_inv(channel=C1), stores, "image", "nude 12yo") is not None
+async def test_guard_uses_the_channel_age_restriction(services: Services, db: sqlite_utils.Database) -> None:
+    services.config.set(G, "age_restricted", "true", channel=C1, by="mod")
+    assert await guard_prompt(_inv(channel=C1), services, "text", "I will kill you") is None
+    assert await guard_prompt(_inv(channel=C2), services, "text", "I will kill you") is not None
+    assert await guard_prompt(_inv(channel=C1), services, "image", "nude 12yo") is not None
     assert [row[3:] for row in _log(db)] == [("text", "I will kill you", "builtin:threat-person", "threat"),
                                              ("image", "nude 12yo", "builtin:minors-sexual", "minors")]
 
 
 @pytest.mark.asyncio
-async def test_guard_in_direct_messages_and_on_outputs(stores: Stores, db: sqlite_utils.Database) -> None:
-    stores.safety.add(G, "zorblax", by="mod")
+async def test_guard_in_direct_messages_and_on_outputs(services: Services, db: sqlite_utils.Database) -> None:
+    services.safety.add(G, "zorblax", by="mod")
     dm = _inv(guild=None, channel=None)
-    assert await moderation.guard_prompt(dm, stores, "text", "zorblax") is None  # a server's list stays there
-    assert await moderation.guard_prompt(dm, stores, "text", "lolicon") is not None
-    message = await moderation.guard_output(_inv(), stores, "text", "Sure! " + "word " * 100 + "zorblax")
-    assert message == "🚫 The answer was withheld: it contained a word or pattern this server has blocked."
+    assert await guard_prompt(dm, services, "text", "zorblax") is None  # a server's list stays there
+    assert await guard_prompt(dm, services, "text", "lolicon") is not None
+    out = Recorder()
+    assert await OutputGuard(_inv(), out, services, 7).check(_answer("Sure! " + "word " * 100 + "zorblax")) is None
+    assert out.errors == ["🚫 The answer was withheld: it contained a word or pattern this server has blocked."]
     logged = _log(db)
     assert logged[0][:4] == (None, None, "u1", "text") and logged[1][3] == "text-output"
     assert len(logged[1][4]) <= 200 and logged[1][4].endswith("…")
 
 
 @pytest.mark.asyncio
-async def test_blocklist_handlers(stores: Stores, db: sqlite_utils.Database) -> None:
+async def test_blocklist_handlers(services: Services, db: sqlite_utils.Database) -> None:
     out = Recorder()
-    await moderation.blocklist_add(_inv(moderator=False), out, stores, "zorblax")
-    await moderation.blocklist_list(_inv(moderator=False), out, stores)
-    assert out.errors == ["Only moderators can use /blocklist."] * 2
+    await run("blocklist add", _inv(moderator=False), out, services, pattern="zorblax")
+    await run("blocklist list", _inv(moderator=False), out, services)
+    assert out.errors == ["Only moderators can use /blocklist add.", "Only moderators can use /blocklist list."]
     mod = _inv(moderator=True)
-    await moderation.blocklist_add(mod, out, stores, " zorblax ")
-    await moderation.blocklist_add(mod, out, stores, "zorblax")
-    await moderation.blocklist_add(mod, out, stores, "(x+)+y", is_regex=True)
-    await moderation.blocklist_add(mod, out, stores, "zorb\\w+", is_regex=True)
+    await moderation.blocklist_add(mod, out, services, " zorblax ")
+    await moderation.blocklist_add(mod, out, services, "zorblax")
+    await moderation.blocklist_add(mod, out, services, "(x+)+y", regex=True)
+    await moderation.blocklist_add(mod, out, services, "zorb\\w+", regex=True)
     assert out.infos == ["Blocked word #1: zorblax", "Blocked regex #2: zorb\\w+"]
     assert out.errors[2:] == ["'zorblax' is already on the blocklist",
                               "regex: nested repetition such as (a+)+ is not allowed"]
-    await moderation.blocklist_list(mod, out, stores)
+    await moderation.blocklist_list(mod, out, services)
     assert out.infos[-1] == "#1 word  zorblax\n#2 regex zorb\\w+"
-    assert await moderation.guard_prompt(_inv(), stores, "text", "zorbing around") is not None
-    await moderation.blocklist_remove(mod, out, stores, "#2")
-    await moderation.blocklist_remove(mod, out, stores, "zorblax")
-    await moderation.blocklist_remove(mod, out, stores, "zorblax")
+    assert await guard_prompt(_inv(), services, "text", "zorbing around") is not None
+    await moderation.blocklist_remove(mod, out, services, "#2")
+    await moderation.blocklist_remove(mod, out, services, "zorblax")
+    await moderation.blocklist_remove(mod, out, services, "zorblax")
     assert out.infos[-2:] == ["Removed #2 from the blocklist.", "Removed zorblax from the blocklist."]
     assert out.errors[-1] == "zorblax is not on the blocklist; see /blocklist list."
-    assert stores.safety.entries(G) == []
-    assert await moderation.guard_prompt(_inv(), stores, "text", "zorblax zorbing") is None
+    assert services.safety.entries(G) == []
+    assert await guard_prompt(_inv(), services, "text", "zorblax zorbing") is None

@@ -2,28 +2,21 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sqlite3
 from pathlib import Path
 
 import pytest
 
-from bot import cli
-from bot.cli_schedule import add_schedule_parser, cmd_schedule
-from bot.settings import load_settings
+from bot.cli.main import main
 
 ADD = ["schedule", "add", "--channel", "123", "--when", "*/15 * * * *", "--kind", "text",
        "--prompt", "Write a short good-morning note for {weekday}"]
 
 
 def run_cli(argv: list[str]) -> int:
-    """Through `aigcbot` itself once `schedule` is registered there; until then, the same parser."""
-    if "schedule" in cli.COMMANDS:
-        return cli.main(argv)
-    parser = argparse.ArgumentParser(prog="aigcbot")
-    add_schedule_parser(parser.add_subparsers(dest="command", required=True))
-    return cmd_schedule(load_settings(), parser.parse_args(argv))
+    """Through `aigcbot` itself."""
+    return main(argv)
 
 
 def _rows(data: Path) -> list[tuple]:
@@ -75,9 +68,7 @@ def test_bad_input_is_one_line_and_changes_nothing(bot_env: Path, capsys: pytest
 
 def test_known_channels_setting_limits_the_cli(bot_env: Path, capsys: pytest.CaptureFixture[str],
                                                monkeypatch: pytest.MonkeyPatch) -> None:
-    from bot import cli_schedule
-
-    monkeypatch.setattr(cli_schedule, "channel_check", lambda settings: lambda guild, channel: channel == "777")
+    monkeypatch.setenv("AIGC_SCHEDULE_CHANNELS", "777")
     assert run_cli(ADD) == 1
     assert "unknown channel '123'" in capsys.readouterr().err
     argv = list(ADD)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -14,8 +14,13 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from bot import schedule_commands as handlers
-from bot.commands import Invocation
+from bot.commands import CATALOGUE
+from bot.commands import schedules as handlers
+from bot.core.catalogue import run_command
+from bot.core.invocation import Button, Form, Invocation, Status
+from bot.core.moderation import Moderation
+from bot.core.safety import RuleCache
+from bot.settings import load_settings
 from generators.base import Output, Request, Result
 from generators.queue import GenerationQueue, QueueConfig
 from generators.registry import ModelRegistry
@@ -29,7 +34,9 @@ from jobs.scheduled_posts import (
     ScheduleRequest,
 )
 from storage.database import AsyncDatabase, open_database
+from storage.guild_config import ConfigStore
 from storage.jobs import NewJob, SqliteJobStore
+from storage.safety import SafetyStore
 from storage.schedules import SqliteScheduleStore
 from tests.scripted import ScriptedGenerator
 
@@ -98,17 +105,23 @@ class Responses:
     async def accepted(self, record: Any) -> None:
         pass
 
-    async def progress(self, text: str) -> None:
+    async def status(self, status: Status) -> None:
         pass
 
-    async def result(self, record: Any) -> None:
+    async def partial(self, text: str) -> None:
         pass
+
+    async def result(self, record: Any, buttons: Sequence[Button] = ()) -> str | None:
+        return None
 
     async def error(self, message: str) -> None:
         self.errors.append(message)
 
-    async def info(self, message: str) -> None:
+    async def info(self, message: str, buttons: Sequence[Button] = ()) -> None:
         self.infos.append(message)
+
+    async def form(self, form: Form) -> None:
+        raise AssertionError(f"unexpected form {form.title!r}")
 
 
 @dataclass
@@ -506,7 +519,24 @@ async def test_poster_mod_log_posts_to_the_servers_channel_or_logs(caplog: pytes
 # --- handlers -------------------------------------------------------------------------------
 @dataclass
 class FakeServices:
+    """What the /schedule handlers use (`bot.commands.schedules.ScheduleServices`): a poster on
+    the test's clock and queue, and the real moderation policy on the same database."""
+
     schedules: ScheduledPoster
+    moderation: Moderation
+
+    @classmethod
+    def of(cls, env: Env) -> FakeServices:
+        db = open_database(env.tmp / "db.sqlite3")
+        settings = load_settings(_env_file=None, data_dir=env.tmp / "data")
+        return cls(env.make(), Moderation(settings, env.adb, ConfigStore(db), SafetyStore(db), RuleCache()))
+
+
+async def _run(path: str, inv: Invocation, responder: Responses, services: FakeServices, **values: Any) -> Any:
+    """Run a /schedule command as the front ends do: through the catalogue."""
+    command = CATALOGUE.command(path.split())
+    assert command is not None, path
+    return await run_command(command, inv, responder, services, values)  # type: ignore[arg-type]
 
 
 MOD = Invocation(user_id="m1", source="discord", guild_id="g1", channel_id="555", is_moderator=True)
@@ -515,27 +545,28 @@ USER = Invocation(user_id="u1", source="discord", guild_id="g1", channel_id="555
 
 @pytest.mark.asyncio
 async def test_non_moderators_are_refused(env: Env) -> None:
-    services = FakeServices(env.make())
+    services = FakeServices.of(env)
     added = await handlers.add_schedule(MOD, Responses(), services, when="hourly", kind="text", prompt="hi")
     assert added is not None
-    calls: list[Callable[[Responses], Any]] = [
-        lambda r: handlers.add_schedule(USER, r, services, when="hourly", kind="text", prompt="hi"),
-        lambda r: handlers.list_schedules(USER, r, services),
-        lambda r: handlers.remove_schedule(USER, r, services, added.id),
-        lambda r: handlers.pause_schedule(USER, r, services, added.id),
-        lambda r: handlers.resume_schedule(USER, r, services, added.id),
-        lambda r: handlers.run_schedule(USER, r, services, added.id),
+    calls: list[tuple[str, Callable[[Responses], Any]]] = [
+        ("add", lambda r: _run("schedule add", USER, r, services, channel="555", when="hourly", kind="text",
+                               prompt="hi")),
+        ("list", lambda r: _run("schedule list", USER, r, services)),
+        ("remove", lambda r: _run("schedule remove", USER, r, services, id=added.id)),
+        ("pause", lambda r: _run("schedule pause", USER, r, services, id=added.id)),
+        ("resume", lambda r: _run("schedule resume", USER, r, services, id=added.id)),
+        ("run", lambda r: _run("schedule run", USER, r, services, id=added.id)),
     ]
-    for call in calls:
+    for action, call in calls:
         responses = Responses()
         assert await call(responses) is None
-        assert responses.errors == [handlers.REFUSED] and responses.infos == []
+        assert responses.errors == [f"Only moderators can use /schedule {action}."] and responses.infos == []
     assert env.rows() == [(added.id, 0, added.next_run_at)] and env.text.calls == []
 
 
 @pytest.mark.asyncio
 async def test_handlers_manage_one_servers_schedules(env: Env) -> None:
-    services = FakeServices(env.make())
+    services = FakeServices.of(env)
     responses = Responses()
     added = await handlers.add_schedule(MOD, responses, services, when="daily 09:00", kind="text",
                                         prompt="Morning, {server}!")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from bot.throttle import EditThrottle
+from bot.discord.throttle import EditThrottle
 
 
 class Recorder:

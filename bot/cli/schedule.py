@@ -15,22 +15,17 @@ import argparse
 import asyncio
 import json
 import sys
-from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from collections.abc import Sequence
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bot import schedule_commands as handlers
-from bot.commands import Invocation
-from bot.settings import Settings
+from bot.commands import schedules as handlers
+from bot.core.invocation import Button, Form, Invocation, Status, local_user
+from bot.core.services import LocalTarget, Services, make_registry
+from bot.settings import Settings, poster_options
 from jobs.schedule_spec import ScheduleError
-from jobs.scheduled_posts import (
-    ChannelCheck,
-    ScheduledPoster,
-    ScheduleRequest,
-    numeric_channel,
-    validate_request,
-)
+from jobs.scheduled_posts import ScheduleRequest, validate_request
 from storage.jobs import JobRecord
 
 
@@ -64,27 +59,6 @@ def cmd_schedule(settings: Settings, args: argparse.Namespace) -> int:
     return asyncio.run(_schedule(settings, args))
 
 
-def poster_options(settings: Settings) -> dict[str, Any]:
-    """ScheduledPoster options from the settings."""
-    return {
-        "min_interval": timedelta(seconds=settings.schedule_min_interval_s),
-        "grace_s": float(settings.schedule_grace_s),
-        "quote_fallback": settings.schedule_quote_fallback,
-    }
-
-
-def channel_check(settings: Settings) -> ChannelCheck:
-    """The CLI's idea of a valid channel: a configured one, or else any numeric id."""
-    known = {str(c) for c in settings.schedule_channels}
-    if not known:
-        return numeric_channel
-
-    def configured(guild: str | None, channel: str) -> bool:
-        return channel in known
-
-    return configured
-
-
 class _Out:
     """A Responder for the terminal: errors on stderr, replies on stdout unless --json."""
 
@@ -95,61 +69,50 @@ class _Out:
     async def accepted(self, record: JobRecord) -> None:
         pass
 
-    async def progress(self, text: str) -> None:
-        print(text, file=sys.stderr, flush=True)
+    async def status(self, status: Status) -> None:
+        print(status.text, file=sys.stderr, flush=True)
 
-    async def result(self, record: JobRecord) -> None:
-        pass  # schedule handlers report through info/error
+    async def partial(self, text: str) -> None:
+        pass
+
+    async def result(self, record: JobRecord, buttons: Sequence[Button] = ()) -> str | None:
+        return None  # schedule handlers report through info/error
 
     async def error(self, message: str) -> None:
         self.failed = True
         print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
-    async def info(self, message: str) -> None:
+    async def info(self, message: str, buttons: Sequence[Button] = ()) -> None:
         if not self.as_json:
             print(message, flush=True)
 
+    async def form(self, form: Form) -> None:
+        raise RuntimeError("the command line has no forms")
 
-class _PrintingPoster:
+
+class PrintingTarget(LocalTarget):
     """The CLI can't post to Discord: it keeps what would be posted, for printing."""
 
-    def __init__(self) -> None:
+    def __init__(self, settings: Settings) -> None:
+        super().__init__(settings)
         self.posts: list[dict[str, Any]] = []
 
     async def send(self, channel_id: str, content: str, files: list[Path]) -> None:
         self.posts.append({"channel": channel_id, "content": content, "files": [str(f) for f in files]})
 
 
-class _StderrModLog:
-    async def note(self, guild_id: str | None, message: str) -> None:
-        print(f"mod log: {message}", file=sys.stderr, flush=True)
-
-
-@dataclass
-class _CliServices:
-    schedules: ScheduledPoster
-
-
 async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
-    from bot.console import _username
-    from storage.database import open_database
-    from storage.schedules import SqliteScheduleStore
-
     out = _Out(args.json)
-    inv = Invocation(user_id=f"cli:{_username()}", source="cli", is_moderator=True)
-    options = poster_options(settings)
-    check = channel_check(settings)
-    registry = None
-    if args.action in ("add", "run"):
-        from bot.services import make_registry  # the model code: slow to import, so only when needed
-
-        registry = make_registry(settings)
+    inv = Invocation(user_id=f"cli:{local_user()}", source="cli", is_moderator=True,
+                     guild_id=getattr(args, "guild", None))
+    target = PrintingTarget(settings)
     if args.action == "add":
         # Validate before opening the database, so bad input leaves nothing behind, not even a file.
         request = _request(inv, args)
         try:
             await validate_request(request, now=datetime.now(UTC), timezone=request.timezone or "UTC",
-                                   min_interval=options["min_interval"], channel_exists=check, registry=registry)
+                                   min_interval=poster_options(settings)["min_interval"],
+                                   channel_exists=target.can_post, registry=make_registry(settings))
         except ScheduleError as exc:
             await out.error(str(exc))
             return 1
@@ -159,20 +122,15 @@ async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         await out.error(f"no schedule {args.schedule_id} (no database at {settings.db_file} yet)")
         return 1
-    db = open_database(settings.db_file)
+    # A manual run fails fast: the operator sees the error and can run it again.
+    services = Services(settings, target=target, schedule_options={"retries": 0})
     try:
-        store = SqliteScheduleStore(db)
         if args.action == "run":
-            assert registry is not None
-            return await _run(settings, args, out, inv, db, store, registry, check, options)
-        schedules = ScheduledPoster(store, None, _PrintingPoster(), modlog=_StderrModLog(), channel_exists=check,
-                                    registry=registry, **options)
-        try:
-            return await _manage(args, out, inv, _CliServices(schedules))
-        finally:
-            await schedules.stop()
+            await services.start(recover=False, load_backlog=False)
+            return await _run(args, out, inv, services, target)
+        return await _manage(args, out, inv, services)
     finally:
-        db.close()
+        await services.close()
 
 
 def _request(inv: Invocation, args: argparse.Namespace) -> ScheduleRequest:
@@ -180,15 +138,13 @@ def _request(inv: Invocation, args: argparse.Namespace) -> ScheduleRequest:
                            created_by=inv.user_id, guild=args.guild, model=args.model, timezone=args.timezone)
 
 
-async def _manage(args: argparse.Namespace, out: _Out, inv: Invocation, services: _CliServices) -> int:
+async def _manage(args: argparse.Namespace, out: _Out, inv: Invocation, services: Services) -> int:
     if args.action == "add":
-        inv.guild_id = args.guild
         schedule = await handlers.add_schedule(inv, out, services, when=args.when, kind=args.kind,
                                                prompt=args.prompt, channel=args.channel, model=args.model,
                                                timezone=args.timezone)
         result: Any = schedule.to_json() if schedule else None
     elif args.action == "list":
-        inv.guild_id = args.guild
         schedules = await handlers.list_schedules(inv, out, services)
         result = [s.to_json() for s in schedules] if schedules is not None else None
     else:
@@ -205,33 +161,15 @@ async def _manage(args: argparse.Namespace, out: _Out, inv: Invocation, services
     return 0
 
 
-async def _run(settings: Settings, args: argparse.Namespace, out: _Out, inv: Invocation, db: Any,
-               store: Any, registry: Any, check: ChannelCheck, options: dict[str, Any]) -> int:
-    from bot.services import queue_config
-    from generators.queue import GenerationQueue
-    from storage.database import AsyncDatabase
-    from storage.jobs import SqliteJobStore
-
-    shared = AsyncDatabase()  # one SQLite thread for the queue and the schedules
-    queue = GenerationQueue(SqliteJobStore(db), registry, queue_config(settings), db=shared)
-    poster = _PrintingPoster()
-    # A manual run fails fast: the operator sees the error and can run it again.
-    schedules = ScheduledPoster(store, queue, poster, modlog=_StderrModLog(), channel_exists=check,
-                                registry=registry, retries=0, db=shared, **options)
-    await queue.start(recover=False, load_backlog=False)
-    try:
-        firing = await handlers.run_schedule(inv, out, _CliServices(schedules), args.schedule_id)
-    finally:
-        await schedules.stop()
-        await queue.stop()
-        shared.close()
-        registry.unload_all()
+async def _run(args: argparse.Namespace, out: _Out, inv: Invocation, services: Services,
+               target: PrintingTarget) -> int:
+    firing = await handlers.run_schedule(inv, out, services, args.schedule_id)
     if firing is None:
         return 1
     if args.json:
-        print(json.dumps({**firing.to_json(), "posts": poster.posts}, indent=2))
+        print(json.dumps({**firing.to_json(), "posts": target.posts}, indent=2))
     else:
-        for post in poster.posts:
+        for post in target.posts:
             print(f"→ would post to channel {post['channel']}:", file=sys.stderr)
             if post["content"]:
                 print(post["content"])

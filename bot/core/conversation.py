@@ -1,6 +1,6 @@
 """/chat context: persona resolution, reply-chain history trimmed by tokens, hidden reasoning.
 
-The flow of one /chat (see `ChatResponder` for the delivery side):
+The steps of one /chat:
 
 1. `prepare_chat`: resolve the persona (explicit option › channel default › server default ›
    the bot's global system prompt), rebuild the conversation from the message the user
@@ -9,31 +9,29 @@ The flow of one /chat (see `ChatResponder` for the delivery side):
 2. Queue a text job with `ChatContext.job_params(...)` (system_prompt, history, sampling).
 3. Deliver the answer without its ``<think>`` reasoning (`prepare_reply`), then
    `record_exchange` the prompt's and the answer's message ids so a reply continues it.
+
+`bot.core.flow` runs these steps; nothing here knows a front end.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from bot.moderation import ModerationServices, log_block, refusal, safety_context
+from bot.core.invocation import Invocation
 from generators.base import Generator
-from generators.safety import ServerRules, Verdict, check_text
 from storage.conversations import NewTurn, Turn
 from storage.guild_config import ConfigStore
-from storage.jobs import JobRecord
 from storage.personas import PersonaError, PersonaStore
 
-if TYPE_CHECKING:  # bot.commands imports bot.services, which may import this module
-    from bot.commands import Invocation, Responder
+if TYPE_CHECKING:
+    from bot.core.services import Services
 
 PER_TURN_TOKENS = 4  # what a chat template adds around each message (role markers, separators)
 DEFAULT_CONTEXT = 2048
-STATUS_PREFIXES = ("⏳", "⚙️")  # bot.commands.follow's status lines, as opposed to partial text
 
 _THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL | re.IGNORECASE)
 _THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
@@ -113,7 +111,7 @@ def resolve_persona_sync(config: ConfigStore, personas: PersonaStore, guild: str
     return ResolvedPersona(None, global_prompt, {}, "global")
 
 
-async def resolve_persona(services: ModerationServices, inv: Invocation, explicit: str | None = None
+async def resolve_persona(services: Services, inv: Invocation, explicit: str | None = None
                           ) -> ResolvedPersona:
     return await services.adb.run(resolve_persona_sync, services.config, services.personas, inv.guild_id,
                                   inv.channel_id, explicit, services.settings.system_prompt)
@@ -213,7 +211,7 @@ class ChatContext:
         return params
 
 
-async def prepare_chat(services: ModerationServices, inv: Invocation, prompt: str, *,
+async def prepare_chat(services: Services, inv: Invocation, prompt: str, *,
                        reply_to: str | None = None, persona: str | None = None,
                        count_tokens: Callable[[str], int] = estimate_tokens,
                        context_tokens: int = DEFAULT_CONTEXT, reserve_tokens: int = 256,
@@ -230,7 +228,7 @@ async def prepare_chat(services: ModerationServices, inv: Invocation, prompt: st
     return ChatContext(resolved, history, chain[-1].message_id if chain else None)
 
 
-async def record_exchange(services: ModerationServices, inv: Invocation, context: ChatContext, *,
+async def record_exchange(services: Services, inv: Invocation, context: ChatContext, *,
                           prompt_message_id: str, prompt: str, answer_message_id: str, answer: str,
                           job_id: int | None = None, answer_tokens: int | None = None,
                           bot_id: str = "bot") -> list[Turn]:
@@ -241,77 +239,3 @@ async def record_exchange(services: ModerationServices, inv: Invocation, context
         NewTurn(answer_message_id, "assistant", bot_id, answer, prompt_message_id, job_id, answer_tokens),
     ]
     return await services.adb.run(services.conversations.add_turns, inv.guild_id, inv.channel_id, turns)
-
-
-# --- delivery --------------------------------------------------------------------------------
-class ChatResponder:
-    """Wraps a front end's Responder for one text job: streamed and final text lose their
-    reasoning and are checked against the safety rules; a blocked answer is withheld (the
-    streamed part replaced) and logged once. The final record's ``result`` carries the
-    visible ``text`` and, when reasoning is to be attached, ``reasoning``."""
-
-    def __init__(self, inner: Responder, inv: Invocation, services: ModerationServices, rules: ServerRules,
-                 age_restricted: bool, attach_reasoning: bool, kind: str = "text") -> None:
-        self.inner = inner
-        self.inv = inv
-        self.services = services
-        self.rules = rules
-        self.age_restricted = age_restricted
-        self.attach_reasoning = attach_reasoning
-        self.kind = kind
-        self.blocked: Verdict | None = None
-        self.reply: Reply | None = None
-
-    @classmethod
-    async def create(cls, inner: Responder, inv: Invocation, services: ModerationServices,
-                     attach_reasoning: bool = False) -> ChatResponder:
-        rules, restricted = await safety_context(services, inv)
-        return cls(inner, inv, services, rules, restricted, attach_reasoning)
-
-    async def _verdict(self, text: str) -> Verdict:
-        return await asyncio.to_thread(check_text, text, self.rules, self.age_restricted)
-
-    async def _block(self, text: str, verdict: Verdict) -> None:
-        self.blocked = verdict
-        await log_block(self.services, self.inv, f"{self.kind}-output", text, verdict)
-
-    async def progress(self, text: str) -> None:
-        if self.blocked:
-            return
-        if text.startswith(STATUS_PREFIXES):
-            await self.inner.progress(text)
-            return
-        visible, _ = strip_reasoning(text)
-        if not visible:
-            await self.inner.progress("⚙️ Thinking…")
-            return
-        verdict = await self._verdict(visible)
-        if not verdict.allowed:
-            await self._block(visible, verdict)
-            await self.inner.progress("⚠️ This answer is being withheld.")
-            return
-        await self.inner.progress(visible)
-
-    async def result(self, record: JobRecord) -> None:
-        result = dict(record.result or {})
-        self.reply = prepare_reply(str(result.get("text") or ""), attach_reasoning=self.attach_reasoning)
-        if self.blocked is None:
-            verdict = await self._verdict(self.reply.text)
-            if not verdict.allowed:
-                await self._block(self.reply.text, verdict)
-        if self.blocked is not None:
-            await self.inner.error(refusal(self.blocked, output=True))
-            return
-        result["text"] = self.reply.text
-        if self.reply.attachment:
-            result["reasoning"] = self.reply.reasoning
-        await self.inner.result(dataclasses.replace(record, result=result))
-
-    async def accepted(self, record: JobRecord) -> None:
-        await self.inner.accepted(record)
-
-    async def error(self, message: str) -> None:
-        await self.inner.error(message)
-
-    async def info(self, message: str) -> None:
-        await self.inner.info(message)

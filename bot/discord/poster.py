@@ -1,8 +1,10 @@
 """Scheduled posts and mod-log notes as plain channel messages, through discord.py.
 
-`DiscordPoster` implements `jobs.scheduled_posts.Poster` with the bot token, and answers
-the scheduler's questions about channels from the bot's cache: whether the bot can post in
-one (`can_post`) and the server's and channel's names for ``{server}`` / ``{channel}``.
+`DiscordPoster` implements `jobs.scheduled_posts.PostTarget` with the bot token, over the
+gateway or, for the HTTP endpoint, over REST alone: it answers the scheduler's questions
+about channels from the client's cache when it has one (the gateway), else by asking
+Discord: whether the bot can post in one (`can_post`) and the server's and channel's names
+for ``{server}`` / ``{channel}``.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import discord
 
-from bot.render import DEFAULT_ATTACHMENT_LIMIT, split_text
+from bot.discord.render import DEFAULT_ATTACHMENT_LIMIT, split_text
 from jobs.scheduled_posts import ChannelForbidden, ChannelGone
 
 log = logging.getLogger(__name__)
@@ -68,10 +70,20 @@ class DiscordPoster:
             raise ChannelGone("it is not a text channel")
         return channel
 
-    def can_post(self, guild: str | None, channel: str) -> bool:
+    async def can_post(self, guild: str | None, channel: str) -> bool:
         """A text channel of that server (any server for ``guild`` None) where the bot may
-        send messages, judged from the cache."""
-        found = self.client.get_channel(int(channel)) if channel.isdigit() else None
+        send messages, judged from the cache (or, without one, from the channel Discord returns)."""
+        if not channel.isdigit():
+            return False
+        found = self.client.get_channel(int(channel))
+        if found is None:
+            try:
+                found = await self.client.fetch_channel(int(channel))
+            except discord.HTTPException:
+                return False
+            if not isinstance(found, POSTABLE):
+                return False
+            return guild is None or str(found.guild.id) == guild  # permissions: the first post tells
         if not isinstance(found, POSTABLE):
             return False
         if guild is not None and str(found.guild.id) != guild:

@@ -17,14 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bot.community import community_files_dir, finetune_settings
-from bot.settings import Settings
-from generators.queue import GenerationQueue, QueueConfig
-from generators.registry import ModelRegistry
-from jobs.finetune import TRAINING_MODEL, FinetuneRunner, LoopDb, NightlyTrainer, TrainingGenerator
-from storage.community import CommunityStore
-from storage.database import AsyncDatabase, open_database
-from storage.jobs import JobRecord, SqliteJobStore
+from bot.core.invocation import USER_ERRORS, local_user
+from bot.core.services import Services
+from bot.settings import Settings, finetune_settings
+from generators.queue import GenerationQueue
+from storage.jobs import JobRecord
 
 #: Time for loading the model and the evaluations, on top of the training budget.
 OVERHEAD_S = 900.0
@@ -78,11 +75,11 @@ def _train_image(settings: Settings, args: argparse.Namespace) -> int:
     except (GeneratorError, ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    db = open_database(settings.db_file)
+    services = Services(settings)
     try:
-        store = SqliteJobStore(db)
+        store = services.store
         record = store.create_job(NewJob(kind="training", model=args.model, prompt=f"train {args.model} on {args.data}",
-                                         requester=f"cli:{_username()}", source="cli",
+                                         requester=f"cli:{local_user()}", source="cli",
                                          params={"data": args.data, "epochs": args.epochs, "steps": args.steps}))
         store.claim([record.id], "cli")
         artifacts = []
@@ -94,7 +91,7 @@ def _train_image(settings: Settings, args: argparse.Namespace) -> int:
         store.finish(record.id, {"text": f"trained {args.model} on {args.data}", "metadata": meta}, artifacts)
         final = store.get(record.id)
     finally:
-        db.close()
+        asyncio.run(services.close())
     return _print(final, args.json)
 
 
@@ -102,36 +99,20 @@ async def _train(settings: Settings, args: argparse.Namespace) -> int:
     if args.max_seconds is not None and not 1 <= args.max_seconds <= 86_400:
         print("error: --max-seconds must be from 1 to 86400", file=sys.stderr)
         return 1
-    db = open_database(settings.db_file)
-    adb = AsyncDatabase()
-    community = CommunityStore(db, community_files_dir(settings))
-    tuning = finetune_settings(settings)
-    runner = FinetuneRunner(community, tuning, db=LoopDb(adb, asyncio.get_running_loop()))
-    registry = ModelRegistry({"training": lambda name: TrainingGenerator(runner)}, {"training": TRAINING_MODEL},
-                             settings.model_memory_budget_mb * 2**20)
-    budget = args.max_seconds or tuning.text.max_seconds
-    config = QueueConfig(max_pending_per_user=settings.max_pending_per_user, artifacts_dir=settings.artifacts_dir,
-                         job_timeout_s=max(settings.job_timeout_s, budget + OVERHEAD_S), lanes=("training",))
-    queue = GenerationQueue(SqliteJobStore(db), registry, config, db=adb)
-    await queue.start(recover=False, load_backlog=False)
-    trainer = NightlyTrainer(community, queue, db=adb)
+    budget = args.max_seconds or finetune_settings(settings).text.max_seconds
+    services = Services(settings, queue_options={
+        "lanes": ("training",), "job_timeout_s": max(settings.job_timeout_s, budget + OVERHEAD_S)})
     try:
+        await services.start(recover=False, load_backlog=False)
         try:
-            record = await trainer.submit(str(args.guild), args.kind, requester=f"cli:{_username()}", source="cli",
-                                          max_seconds=args.max_seconds)
-        except Exception as exc:
-            from bot.commands import user_error
-
-            message = user_error(exc)
-            if message is None:
-                raise
-            print(f"error: {message}", file=sys.stderr)
+            record = await services.trainer.submit(str(args.guild), args.kind, requester=f"cli:{local_user()}",
+                                                   source="cli", max_seconds=args.max_seconds)
+        except USER_ERRORS as exc:
+            print(f"error: {exc}", file=sys.stderr)
             return 1
-        final = await _follow(queue, record.id, quiet=args.json)
+        final = await _follow(services.queue, record.id, quiet=args.json)
     finally:
-        await queue.stop()
-        adb.close()
-        db.close()
+        await services.close()
     return _print(final, args.json)
 
 
@@ -159,9 +140,3 @@ def _print(record: JobRecord, as_json: bool) -> int:
         print(f"error: training job {record.id} {record.status}: {record.error or 'no reason recorded'}",
               file=sys.stderr)
     return 0 if record.status == "succeeded" else 1
-
-
-def _username() -> str:
-    from bot.console import _username as name
-
-    return name()

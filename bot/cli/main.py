@@ -13,8 +13,9 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
-from bot.cli_schedule import add_schedule_parser, cmd_schedule
-from bot.cli_train import add_train_parser, cmd_train
+from bot.cli.schedule import add_schedule_parser, cmd_schedule
+from bot.cli.train import add_train_parser, cmd_train
+from bot.core.invocation import local_user
 from bot.settings import Settings, SettingsError, load_settings
 from generators.base import GeneratorError
 from generators.queue import QueueError
@@ -38,6 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--http", action="store_true", help="serve Discord's HTTP interactions endpoint")
     run.add_argument("--host", default="127.0.0.1", help="address for --http (default 127.0.0.1)")
     run.add_argument("--port", type=int, default=8080, help="port for --http (default 8080)")
+    run.add_argument("--sync-commands", action="store_true",
+                     help="register the slash commands with Discord even if they did not change")
+    run.add_argument("--guild", default="local", help="server id the console acts in (default: a local one)")
+    run.add_argument("--channel", default="console", help="channel id the console acts in")
 
     generate = sub.add_parser("generate", help="generate once through the queue and print the result")
     gen_sub = generate.add_subparsers(dest="kind", required=True)
@@ -87,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         settings = load_settings()
-        from bot.logs import configure_logging
+        from bot.cli.logs import configure_logging
 
         token = settings.discord_token.get_secret_value() if settings.discord_token else ""
         quiet = args.command != "run"
@@ -108,28 +113,30 @@ def main(argv: list[str] | None = None) -> int:
 # --- run -----------------------------------------------------------------------------------
 def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
     if args.http:
-        from bot.http_app import run_http  # type: ignore[import-not-found]
+        from bot.discord.http import run_http
 
         print(f"aigc-bot: serving Discord HTTP interactions on http://{args.host}:{args.port}/interactions",
               file=sys.stderr)
-        return _run_async(run_http(settings, args.host, args.port))
+        return _run_async(run_http(settings, args.host, args.port, force_sync=args.sync_commands))
     if settings.discord_token and not args.console:
-        from bot.gateway import run_gateway  # type: ignore[import-not-found]
+        from bot.discord.gateway import run_gateway
 
         print("aigc-bot: connecting to Discord over the gateway", file=sys.stderr)
-        return _run_async(run_gateway(settings))
+        return _run_async(run_gateway(settings, force_sync=args.sync_commands))
     print("aigc-bot: no DISCORD_TOKEN set — starting the local console "
           f"(text model: {settings.text_model})", file=sys.stderr)
-    return _run_async(_console(settings))
+    return _run_async(_console(settings, args.guild or None, args.channel or None))
 
 
-async def _console(settings: Settings) -> int:
+async def _console(settings: Settings, guild: str | None, channel: str | None) -> int:
+    from bot.commands import CATALOGUE
     from bot.console import Console
-    from bot.services import build_services
+    from bot.core.services import Services
 
-    services = await build_services(settings)
+    services = Services(settings, commands=CATALOGUE.switchable())
     try:
-        return await Console(services).run()
+        await services.start()
+        return await Console(services, guild=guild, channel=channel).run()
     finally:
         await services.close()
 
@@ -147,15 +154,16 @@ def cmd_generate(settings: Settings, args: argparse.Namespace) -> int:
 
 async def _generate(settings: Settings, kind: str, prompt: str, params: dict[str, Any], model: str | None,
                     as_json: bool) -> int:
-    from bot.services import build_services, make_registry
+    from bot.core.services import Services, make_registry
 
     registry = make_registry(settings)
     # Validate before touching the database, so bad input leaves nothing behind.
     generator = registry.get(kind, model)
     await asyncio.to_thread(generator.check, prompt, params)
-    services = await build_services(settings, recover=False, load_backlog=False, registry=registry)
+    services = Services(settings, registry=registry)
     try:
-        user = f"cli:{_username()}"
+        await services.start(recover=False, load_backlog=False)
+        user = f"cli:{local_user()}"
         record = await services.queue.submit(
             NewJob(kind=kind, model=model or "", prompt=prompt, requester=user, source="cli", params=params),
             enforce_quota=False,
@@ -169,13 +177,12 @@ async def _generate(settings: Settings, kind: str, prompt: str, params: dict[str
 
 # --- jobs ----------------------------------------------------------------------------------
 def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
-    from storage.database import open_database
-    from storage.jobs import SqliteJobStore
+    from bot.core.services import Services
 
     if not settings.db_file.exists():
         raise CliError(f"no database at {settings.db_file} yet; nothing has run")
-    db = open_database(settings.db_file)
-    store = SqliteJobStore(db)
+    services = Services(settings)
+    store = services.store
     try:
         if args.action == "list":
             statuses = [args.status] if args.status else None
@@ -197,7 +204,7 @@ def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
             return 0
         raise CliError(f"job {args.job_id} has already finished ({status})")
     finally:
-        db.close()
+        asyncio.run(services.close())
 
 
 # --- output --------------------------------------------------------------------------------
@@ -221,12 +228,6 @@ def _line(record: JobRecord) -> str:
     prompt = " ".join(record.prompt.split())
     prompt = prompt if len(prompt) <= 50 else prompt[:49] + "…"
     return f"{record.id:>6}  {record.status:<10} {record.kind:<6} {created}  {record.requester:<20} {prompt}"
-
-
-def _username() -> str:
-    from bot.console import _username as name
-
-    return name()
 
 
 def _run_async(coro: Coroutine[Any, Any, int]) -> int:

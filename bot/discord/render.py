@@ -1,7 +1,7 @@
 """Discord rendering, in one place: how a job's progress and result become messages.
 
-Used by both the gateway bot (discord.py) and the HTTP interactions endpoint, so the two
-look the same. Everything here is plain data: no client, no I/O beyond reading artifacts.
+Used by both Discord front ends (`bot.discord.delivery`), so the two look the same.
+Everything here is plain data: no client, no I/O beyond reading artifacts.
 """
 
 from __future__ import annotations
@@ -15,12 +15,6 @@ MESSAGE_LIMIT = 2000
 #: Longer answers than this many messages' worth go out as a text file with a preview.
 MAX_CHUNKS = 3
 DEFAULT_ATTACHMENT_LIMIT = 10 * 1024 * 1024  # Discord's limit for unboosted servers
-CANCEL_ID = "aigc:cancel:{job}"
-REGENERATE_ID = "aigc:regen:{job}"
-CANCEL_PATTERN = r"aigc:cancel:(?P<job>[0-9]+)"
-REGENERATE_PATTERN = r"aigc:regen:(?P<job>[0-9]+)"
-SPEAK_ID = "aigc:speak:{job}"
-SPEAK_PATTERN = r"aigc:speak:(?P<job>[0-9]+)"
 
 
 @dataclass
@@ -80,7 +74,7 @@ def render_result(record: JobRecord, attachment_limit: int = DEFAULT_ATTACHMENT_
         rendered.content = split_text(text)[0]
     budget = attachment_limit
     reasoning = str((record.result or {}).get("reasoning") or "")
-    if reasoning:  # set by bot.conversation.ChatResponder where the server attaches reasoning
+    if reasoning:  # set by bot.core.flow.OutputGuard where the server attaches reasoning
         data = reasoning.encode("utf-8")
         if len(data) <= budget:
             budget -= len(data)
@@ -99,7 +93,3 @@ def render_result(record: JobRecord, attachment_limit: int = DEFAULT_ATTACHMENT_
     if not rendered.content and not rendered.files:
         rendered.content = "(nothing was produced)"
     return rendered
-
-
-def queued_text(job_id: int, position: int | None) -> str:
-    return f"⏳ Queued (job {job_id}) — position {position}" if position else f"⏳ Queued (job {job_id})"

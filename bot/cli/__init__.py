@@ -1,0 +1,1 @@
+"""The ``aigcbot`` command line (`bot.cli.main`)."""
