@@ -3,15 +3,12 @@
     .venv/bin/python bench/interaction_ack.py              # packaged SmolLM2, both modes (minutes)
     .venv/bin/python bench/interaction_ack.py --tiny       # the tiny test model, for a smoke check
     .venv/bin/python bench/interaction_ack.py --modes gateway --count 50
-    .venv/bin/python bench/interaction_ack.py --modes gateway --no-early-ack   # discord.py's defer
-    .venv/bin/python bench/interaction_ack.py --modes gateway --ack-connections 8  # the setting's default
 
 For each mode, against the protocol-level fake Discord from the tests:
 
-1. start the bot — gateway: the real `AigcBot` (discord.py) over the fake gateway, with
-   ``DISCORD_ACK_CONNECTIONS`` = the burst size (``--ack-connections``), as an operator who
-   expects such bursts would set it; http: the real `bot.http_app` endpoint on loopback —
-   with the real text generator;
+1. start the bot — gateway: the real `AigcBot` (discord.py: its command tree defers each
+   /chat through discord.py's public API); http: the real `bot.discord.http` endpoint on
+   loopback, logged in to the fake's REST API with discord.py — with the real text generator;
 2. start one long generation and wait until the model streams tokens;
 3. dispatch ``--count`` ``/chat`` interactions at once, spread over ``--users`` fake users
    (the per-user pending limit keeps its default) — gateway: all encoded first, then written
@@ -27,8 +24,8 @@ For each mode, against the protocol-level fake Discord from the tests:
 5. wait until every interaction is answered — a final edit (Regenerate button) or an
    ephemeral refusal — and count any left unanswered.
 
-Goal: ack p99 < 100 ms (Discord fails an interaction not acknowledged within 3 s; "> 3 s"
-counts the handled time).
+Discord fails an interaction not acknowledged within 3 s: "> 3 s" counts the handled time,
+and must be 0.
 
 The fake runs in a child process with its own event loop: in the bot's process its
 JSON-schema validation (~60 ms of CPU per interaction and its requests) would be most of
@@ -44,6 +41,7 @@ import contextlib
 import gc
 import json
 import os
+import platform
 import sys
 import tempfile
 import time
@@ -80,6 +78,15 @@ class Outcome:
     answered_s: float = 0.0
     lag_ms: list[float] = field(default_factory=list)
     problems: int = 0
+
+
+def cpu_name() -> str:
+    """The CPU model (sessions land on different CPUs: a table says which one measured it)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown CPU"
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -258,12 +265,11 @@ def sync_profile(path: str | None) -> Iterator[None]:
 
 @contextlib.asynccontextmanager
 async def gateway_bot(settings: Any, world: dict[str, Any], child: Any) -> AsyncIterator[None]:
-    from bot.gateway import AigcBot, configure_endpoints
-    from bot.services import build_services
+    from bot.discord.delivery import configure_endpoints
+    from bot.discord.gateway import AigcBot, gateway_services
 
     configure_endpoints(settings)
-    services = await build_services(settings)
-    bot = AigcBot(services, guild_ready_timeout=0.05)
+    bot = AigcBot(settings, gateway_services(settings), guild_ready_timeout=0.05)
     connect: asyncio.Task[None] | None = None
     try:
         await bot.login(world["token"])
@@ -275,24 +281,24 @@ async def gateway_bot(settings: Any, world: dict[str, Any], child: Any) -> Async
         if connect is not None:
             with contextlib.suppress(Exception, asyncio.CancelledError):
                 await asyncio.wait_for(connect, 10)
-        await services.close()
+        await bot.services.close()
 
 
 @contextlib.asynccontextmanager
 async def http_bot(settings: Any, world: dict[str, Any], child: Any) -> AsyncIterator[None]:
     from aiohttp import web
 
-    from bot.http_app import command_definitions, create_app, register_commands
-    from bot.rest import RestClient
-    from bot.services import build_services
+    from bot.commands import CATALOGUE
+    from bot.core.services import Services
+    from bot.discord.http import create_app, http_client, start_http
+    from bot.discord.poster import DiscordPoster
 
-    services = await build_services(settings)
-    rest = RestClient(settings.discord_token, settings.discord_api_base)
+    client = http_client(settings)
+    services = Services(settings, target=DiscordPoster(client), commands=CATALOGUE.switchable())
     runner: web.AppRunner | None = None
     try:
-        definitions = await command_definitions()
-        await register_commands(rest, settings, definitions)  # as run_http does
-        runner = web.AppRunner(create_app(services, settings, rest, definitions=definitions), access_log=None)
+        endpoint = await start_http(settings, client, services)  # as run_http does
+        runner = web.AppRunner(create_app(endpoint), access_log=None)
         await runner.setup()
         await web.TCPSite(runner, "127.0.0.1", 0).start()
         port = runner.addresses[0][1]
@@ -302,8 +308,8 @@ async def http_bot(settings: Any, world: dict[str, Any], child: Any) -> AsyncIte
     finally:
         if runner is not None:
             await runner.cleanup()
-        await rest.close()
         await services.close()
+        await client.close()
 
 
 async def run_mode(mode: str, args: argparse.Namespace, data: Path) -> Outcome:
@@ -329,8 +335,7 @@ async def run_mode(mode: str, args: argparse.Namespace, data: Path) -> Outcome:
             data_dir=data, model_cache=ROOT / "data" / "models", text_model=args.model,
             discord_token=world["token"], discord_application_id=int(world["app_id"]),
             discord_dev_guild_ids=[int(world["guild_id"])], discord_api_base=world["api_base"],
-            discord_gateway_url=world["gateway_url"], discord_public_key=world["public_key"], job_timeout_s=3600.0,
-            discord_early_ack=not args.no_early_ack, discord_ack_connections=args.ack_connections)
+            discord_gateway_url=world["gateway_url"], discord_public_key=world["public_key"], job_timeout_s=3600.0)
         lag: list[float] = []
         bot = gateway_bot if mode == "gateway" else http_bot
         async with bot(settings, world, child):
@@ -351,8 +356,7 @@ async def run_mode(mode: str, args: argparse.Namespace, data: Path) -> Outcome:
     assert event["event"] == "result", event
     event.pop("event")
     outcome = Outcome(**event)
-    outcome.mode = {"gateway": "gateway (discord.py, early deferral)" if not args.no_early_ack else
-                    "gateway (discord.py, its own defer)", "http": "http endpoint (bot.http_app)"}[mode]
+    outcome.mode = {"gateway": "gateway (discord.py's defer)", "http": "http endpoint (bot.discord.http)"}[mode]
     outcome.lag_ms = lag
     return outcome
 
@@ -360,8 +364,8 @@ async def run_mode(mode: str, args: argparse.Namespace, data: Path) -> Outcome:
 def report(outcomes: list[Outcome], args: argparse.Namespace) -> None:
     print(f"\nmodel: {args.model_label}; {args.count} /chat interactions at once over {args.users} users, "
           f"max_tokens {args.max_tokens}, while one {args.busy_tokens}-token generation runs; "
-          f"{os.cpu_count()} CPUs; fake in its own process, spec validation {'on' if args.validate else 'off'}; "
-          f"gateway: DISCORD_ACK_CONNECTIONS={args.ack_connections}\n")
+          f"{os.cpu_count()} CPUs ({cpu_name()}); fake in its own process, "
+          f"spec validation {'on' if args.validate else 'off'}\n")
     print("| mode | ack p50 ms | ack p90 ms | ack p99 ms | ack max ms | handled p50 / p99 ms | not acked / > 3 s "
           "| final / refused / unanswered | all answered after s | bot loop lag p99 / max ms | spec problems |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -372,8 +376,9 @@ def report(outcomes: list[Outcome], args: argparse.Namespace) -> None:
               f"| {o.unacked} / {o.late_acks} | {o.final} / {o.refused} / {o.missing} | {o.answered_s:.1f} "
               f"| {percentile(o.lag_ms, 0.99):.1f} / {max(o.lag_ms, default=float('nan')):.1f} | {o.problems} |")
     for o in outcomes:
-        verdict = "meets" if percentile(o.acks_ms, 0.99) < 100 and not o.unacked else "MISSES"
-        print(f"{o.mode}: {verdict} the goal (ack p99 < 100 ms)")
+        verdict = "every interaction acknowledged within 3 s" if not o.unacked and not o.late_acks else \
+            f"{o.unacked + o.late_acks} interaction(s) NOT acknowledged within 3 s"
+        print(f"{o.mode}: {verdict}")
 
 
 async def bot_main(args: argparse.Namespace) -> list[Outcome]:
@@ -399,17 +404,10 @@ def main() -> None:
     parser.add_argument("--busy-tokens", type=int, default=256, help="length of the generation keeping the model busy")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds to wait for every answer")
     parser.add_argument("--validate", action="store_true", help="let the fake validate every request (slower)")
-    parser.add_argument("--no-early-ack", action="store_true",
-                        help="gateway: let discord.py defer (DISCORD_EARLY_ACK=false), to compare")
-    parser.add_argument("--ack-connections", type=int, default=None, metavar="N",
-                        help="DISCORD_ACK_CONNECTIONS for the bot (default: --count, a bot set up for the "
-                             "bursts it gets; the setting's own default is 8)")
     parser.add_argument("--profile", metavar="FILE", help="save a cProfile of the bot's loop during the burst")
     parser.add_argument("--role", choices=["bot", "fake"], default="bot", help=argparse.SUPPRESS)
     parser.add_argument("--mode", choices=["gateway", "http"], help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.ack_connections is None:
-        args.ack_connections = args.count
     if args.role == "fake":
         asyncio.run(fake_main(args))
         return
