@@ -18,7 +18,7 @@ from generators.base import Request
 from generators.text import TextGenerator
 from storage.conversations import ConversationError, NewTurn, Turn
 from storage.jobs import JobRecord
-from tests.test_guild_config import C1, OTHER_G, make_services
+from tests.handlers import C1, OTHER_G, make_services
 
 G = "100000000000000001"
 

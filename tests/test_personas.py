@@ -16,7 +16,7 @@ from bot.core.services import Services
 from storage.database import open_database
 from storage.guild_config import ConfigStore
 from storage.personas import MAX_SYSTEM_PROMPT, PersonaError, PersonaStore
-from tests.test_guild_config import C1, C2, OTHER_G, Recorder, make_services, run
+from tests.handlers import C1, C2, OTHER_G, Recorder, make_services, run
 
 G = "100000000000000001"
 

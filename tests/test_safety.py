@@ -27,7 +27,7 @@ from bot.core.safety import (
 )
 from bot.core.services import Services
 from storage.jobs import JobRecord
-from tests.test_guild_config import C1, C2, Recorder, make_services, run
+from tests.handlers import C1, C2, Recorder, make_services, run
 
 G = "100000000000000001"
 
