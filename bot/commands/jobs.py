@@ -75,9 +75,10 @@ async def _own_usage(inv: Invocation, services: Services, since: str, days: int)
     where = "here" if inv.guild_id else "outside servers"
     lines = [f"Your use {where}, last {plural(days, 'day')}:"]
     lines += [_total_line(t.kind, t.jobs, t.tokens, t.seconds) for t in totals] or ["nothing yet"]
+    limits = await services.moderation.effective_all(
+        inv, tuple(f"{name}.{kind}" for kind in KINDS for name in ("daily_quota", "cooldown")))
     for kind in KINDS:
-        quota = int(await services.moderation.effective(inv, f"daily_quota.{kind}") or 0)
-        cooldown = int(await services.moderation.effective(inv, f"cooldown.{kind}") or 0)
+        quota, cooldown = int(limits[f"daily_quota.{kind}"] or 0), int(limits[f"cooldown.{kind}"] or 0)
         if quota or cooldown:
             today = await services.adb.run(store.jobs_today, inv.user_id, inv.guild_id, kind)
             parts = [f"{today} of {quota} today" if quota else "", f"one every {cooldown} s" if cooldown else ""]

@@ -83,10 +83,10 @@ class NoButtons:
 # --- 1. admit --------------------------------------------------------------------------------
 async def limits(services: Services, inv: Invocation, kind: str) -> JobLimits:
     """The member's limits for this kind of job where the command was used."""
-    moderation = services.moderation
-    return JobLimits(max_pending=int(await moderation.effective(inv, "max_pending_per_user")),
-                     cooldown_s=float(await moderation.effective(inv, f"cooldown.{kind}") or 0),
-                     daily=int(await moderation.effective(inv, f"daily_quota.{kind}") or 0))
+    values = await services.moderation.effective_all(
+        inv, ("max_pending_per_user", f"cooldown.{kind}", f"daily_quota.{kind}"))
+    return JobLimits(max_pending=int(values["max_pending_per_user"]),
+                     cooldown_s=float(values[f"cooldown.{kind}"] or 0), daily=int(values[f"daily_quota.{kind}"] or 0))
 
 
 async def admit(inv: Invocation, responder: Responder, services: Services, command: str, kind: str,

@@ -67,6 +67,14 @@ class Moderation:
         """The value of a config key where a command was invoked (channel › server › bot default)."""
         return await self.adb.run(self.config.effective, key, inv.guild_id, inv.channel_id, self.defaults)
 
+    async def effective_all(self, inv: Invocation, keys: tuple[str, ...]) -> dict[str, Any]:
+        """Several config keys where a command was invoked, in one trip to the database."""
+
+        def read() -> dict[str, Any]:
+            return {key: self.config.effective(key, inv.guild_id, inv.channel_id, self.defaults) for key in keys}
+
+        return await self.adb.run(read)
+
     async def command_allowed(self, inv: Invocation, command: str) -> str | None:
         """None if the command may run here, else the message to show (`enabled_commands`)."""
         enabled = await self.effective(inv, "enabled_commands")

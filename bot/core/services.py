@@ -252,11 +252,14 @@ class Services:
 
     @cached_property
     def schedules(self) -> ScheduledPoster:
+        # Without a Discord connection every post fails: retrying (30 s, 60 s, 120 s) would only
+        # keep a console's /schedule run waiting minutes for the same error.
+        local = {"retries": 0} if isinstance(self.target, LocalTarget) else {}
         return ScheduledPoster(
             SqliteScheduleStore(self.db), self.queue, self.target, db=self.adb, modlog=self.modlog,
             channel_exists=self.target.can_post, names=self.target.names, timezone_for=self._zone,
             quote_provider=self._community_quote, check_text=self.moderation.guard_scheduled_text,
-            **{**poster_options(self.settings), **self._schedule_options})
+            **{**poster_options(self.settings), **local, **self._schedule_options})
 
     @cached_property
     def capture(self) -> CaptureBuffer:

@@ -282,6 +282,7 @@ class DiscordResponder:
         async with self._lock:
             if not self.transport.acknowledged():
                 await self.transport.respond(message)
+                self._original_filled = True  # the next message follows it, never replaces it
                 return
         if self.ack == "ephemeral" and not self._original_filled:
             self._original_filled = True

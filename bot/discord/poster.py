@@ -9,6 +9,7 @@ for ``{server}`` / ``{channel}``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -95,10 +96,17 @@ class DiscordPoster:
         send = permissions.send_messages_in_threads if isinstance(found, discord.Thread) else permissions.send_messages
         return permissions.view_channel and send
 
-    def names(self, guild: str | None, channel: str) -> tuple[str, str]:
-        """(server name, channel name) for a post's ``{server}`` and ``{channel}``."""
+    async def names(self, guild: str | None, channel: str) -> tuple[str, str]:
+        """(server name, channel name) for a post's ``{server}`` and ``{channel}``, from the
+        cache, or from Discord where it has none (the HTTP endpoint's REST-only client)."""
         found = self.client.get_channel(int(channel)) if channel.isdigit() else None
+        if found is None and channel.isdigit():
+            with contextlib.suppress(discord.HTTPException):
+                found = await self.client.fetch_channel(int(channel))
         server = getattr(getattr(found, "guild", None), "name", None)
-        if server is None and guild and guild.isdigit():
-            server = getattr(self.client.get_guild(int(guild)), "name", None)
+        if not server and guild and guild.isdigit():
+            server = getattr(self.client.get_guild(int(guild)), "name", None)  # empty: known by id only
+            if not server:
+                with contextlib.suppress(discord.HTTPException):
+                    server = (await self.client.fetch_guild(int(guild))).name
         return server or "the server", getattr(found, "name", None) or f"channel {channel}"
