@@ -182,11 +182,15 @@ class DiscordResponder:
         self._original_filled = False  # an ephemeral deferral's "thinking" message was replaced
         self._lock = asyncio.Lock()  # the first response happens once, whoever gets there first
         self._auto_defer: asyncio.Task[None] | None = None
+        self._begun = False
         self.throttle = EditThrottle(self._edit_progress, interval=1.0, quiet_start=ack != "ephemeral")
 
     async def begin(self) -> None:
         """Acknowledge as the command's `Ack` says: a public deferral at once, or a private one
-        only if the handler is slow."""
+        only if the handler is slow. Once: a second call changes nothing."""
+        if self._begun:
+            return
+        self._begun = True
         if self.ack == "public":
             await self._defer(ephemeral=False)
         else:

@@ -378,6 +378,7 @@ class InteractionEndpoint:
             return message_reply(ack)
         responder = DiscordResponder(transport, ack, late_post=self.late_post,  # type: ignore[arg-type]
                                      token_window_s=self.token_window_s)
+        await responder.begin()  # a generation's deferral is the HTTP reply at once, before any work
         self.spawn(serve(responder, f"interaction {incoming.id}", lambda: work(responder)))
         try:
             return await asyncio.wait_for(asyncio.shield(transport.reply), REPLY_DEADLINE_S)
