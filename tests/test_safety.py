@@ -2,24 +2,30 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
 import pytest_asyncio
+import regex
 import sqlite_utils
 
 from bot.commands import moderation
+from bot.core import safety
 from bot.core.flow import OutputGuard
 from bot.core.invocation import Invocation
 from bot.core.safety import (
     OVERLAP,
+    REGEX_TIMEOUT,
     WINDOW,
     RuleCache,
     SafetyError,
     ServerRule,
     ServerRules,
+    Verdict,
+    _CompiledServerRule,
     check_text,
     normalise,
     regex_problem,
@@ -166,16 +172,20 @@ def test_server_regex_matches_deep_inside_a_long_text() -> None:
     text = "x" * (WINDOW - 3) + "prefixword tail"
     assert check_text(text, _rules(("\\bword\\b", True))).allowed
     assert OVERLAP < WINDOW
+    # Nor is a window's end the end of the text: "$" matches only at the real end.
+    text = "x" * 200 + " barfoo " + "y" * 100  # the first window is cut at the space after barfoo
+    assert check_text(text, _rules(("bar\\w+$", True))).allowed
+    assert not check_text(text + " barfoo", _rules(("bar\\w+$", True))).allowed
 
 
 @pytest.mark.parametrize(("pattern", "problem"), [
-    ("(a+)+b", "nested repetition"),
-    ("(?:ab?)*c", "nested repetition"),
-    ("(ab|a)*c", "repeated group of alternatives"),
-    (".*x.*y", "two repeated parts"),
-    ("\\w+\\s*\\w+", "two repeated parts"),
-    ("a?a?a?aaa", "two repeated parts"),
-    ("(\\w)\\1", "backreferences"),
+    ("(a+)+b", "too slow on some texts"),        # catastrophic backtracking, found by the trial run
+    ("(x+)+y$", "too slow on some texts"),
+    ("(a|aa)+$", "too slow on some texts"),
+    ("(\\w+\\s?)+$", "too slow on some texts"),
+    ("a{4294967294}", "repeat counts"),           # the engine would take minutes to compile it
+    ("((a{100}){100})", "repeat counts"),
+    ("a*", "matches an empty text"),              # would block every message
     ("[unclosed", "does not compile"),
 ])
 def test_unsafe_or_broken_regexes_are_refused(pattern: str, problem: str) -> None:
@@ -189,23 +199,48 @@ def test_regex_limits_and_accepted_patterns() -> None:
         validate_rule("a" * 201, True)
     with pytest.raises(SafetyError, match="word: expected"):
         validate_rule("***", False)
-    for pattern in ("\\bf+u+c+k+\\b", "kill\\s+all\\s+the\\s+\\w+", "colou?r", "(a|b)+c", "^(?:foo|bar\\w+)$"):
+    for pattern in ("\\bf+u+c+k+\\b", "kill\\s+all\\s+the\\s+\\w+", "colou?r", "(a|b)+c", "^(?:foo|bar\\w+)$",
+                    # refused by the old static analyser, harmless on a time-bounded engine
+                    "(?:ab?)*c", "(ab|a)*c", ".*x.*y", "\\w+\\s*\\w+", "a?a?a?aaa", "(\\w)\\1", "x{2,1000}"):
         assert validate_rule(f"  {pattern} ", True) == pattern
 
 
 def test_accepted_regex_stays_fast_on_hostile_text() -> None:
     # Quadratic per window at worst: a long run that almost matches costs little in total.
-    rules = _rules(("a+b", True), ("\\w+\\s+\\w+!", True), ("(?=.*x)y", True))
+    rules = _rules(("a+b", True), ("\\w+\\s+\\w+!", True), ("(?=.*x)y", True), (".*x.*y", True), ("(ab|a)*c", True))
     start = time.perf_counter()
     for text in ("a" * 4000, ("ab " * 1300) + "a" * 100, "w " * 2000):
         check_text(text, rules)
     assert time.perf_counter() - start < 2.0
 
 
+def test_a_catastrophic_regex_is_refused_and_cannot_stall_a_check(caplog: pytest.LogCaptureFixture,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(safety, "_timed_out", set())  # what has been logged once already
+    with pytest.raises(SafetyError, match=r"^regex: too slow on some texts"):
+        validate_rule("(a+)+$", True)
+    assert ServerRules.compile([ServerRule("(a+)+$", True, "blocklist #1")]).skipped == ("blocklist #1",)
+    # Were one stored anyway (say, vetted on a faster machine), a check stays within the bound,
+    # and a search that runs out of time counts as a match: padding cannot smuggle text past a rule.
+    slow = regex.compile("(a+)+$", regex.IGNORECASE)
+    rules = ServerRules((_CompiledServerRule("blocklist #9", slow, slow, True),))
+    text = "a" * 10_000 + "!"
+    with caplog.at_level(logging.WARNING, logger="bot.core.safety"):
+        for _ in range(2):
+            start = time.perf_counter()
+            verdict = check_text(text, rules)
+            assert time.perf_counter() - start < REGEX_TIMEOUT + 0.5  # the engine overruns its timeout a little
+            assert verdict == Verdict(False, "blocklist #9", "blocklist")
+    assert [r.getMessage() for r in caplog.records if "ran out of time" in r.getMessage()] == [
+        "blocklist entry blocklist #9 ran out of time (0.10 s) on a 10001-character text; the text was refused "
+        "under it (logged once per entry; simplify the pattern)"]
+    assert check_text("a" * 50 + " hello", rules).allowed  # an ordinary text is checked as usual
+
+
 @pytest.mark.parametrize("cached", [False, True])
 def test_a_stored_rule_that_no_longer_validates_is_skipped(cached: bool) -> None:
     cache = RuleCache() if cached else None
-    entries = [ServerRule("(a+)+", True, "blocklist #1"), ServerRule("bad", False, "blocklist #2")]
+    entries = [ServerRule("(a+)+$", True, "blocklist #1"), ServerRule("bad", False, "blocklist #2")]
     for _ in range(2):
         rules = ServerRules.compile(entries, cache)
         assert rules.skipped == ("blocklist #1",)
@@ -278,7 +313,8 @@ async def test_blocklist_handlers(services: Services, db: sqlite_utils.Database)
     await moderation.blocklist_add(mod, out, services, "zorb\\w+", regex=True)
     assert out.infos == ["Blocked word #1: zorblax", "Blocked regex #2: zorb\\w+"]
     assert out.errors[2:] == ["'zorblax' is already on the blocklist",
-                              "regex: nested repetition such as (a+)+ is not allowed"]
+                              "regex: too slow on some texts (over 20 ms on a test text of 256 characters); "
+                              "avoid nested or overlapping repeats such as (a+)+ or (a|aa)+"]
     await moderation.blocklist_list(mod, out, services)
     assert out.infos[-1] == "#1 word  zorblax\n#2 regex zorb\\w+"
     assert await guard_prompt(_inv(), services, "text", "zorbing around") is not None

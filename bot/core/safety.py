@@ -16,27 +16,48 @@ apply everywhere, always; credible violent threats apply outside age-restricted 
 (where mature fiction is expected, the server's own rules decide). The lists are short and
 conservative on purpose: they catch the unambiguous cases, not everything.
 
-Server regexes must be safe to run on any text without a timeout (Python's ``re`` has
-none): `validate_rule` refuses long patterns, backreferences, nested or ambiguous
-repetition (``(a+)+``, ``(ab|a)*``, ``.*x.*``), so a regex costs at most quadratic time in
-its window; and they run over windows of at most `WINDOW` characters, so a huge text
-costs linear time overall. A consequence: a server regex only finds matches up to
-`OVERLAP` characters long.
+Server regexes run on the third-party ``regex`` engine, whose searches take a ``timeout``
+(Python's ``re`` has none), so no pattern can stall a check, whatever its shape:
+
+- at ``/blocklist add`` (`validate_rule`), a pattern must compile, be at most
+  `MAX_REGEX_CHARS` long, have no counted repeat over `MAX_REPEAT` (the engine expands
+  those when compiling, which has no timeout), not match an empty text (it would block
+  every message), and pass a trial: searches over adversarial texts of one window each
+  (long runs of the pattern's own characters and of common ones, ending in a character
+  that forces backtracking), each within `TRIAL_LIMIT` of CPU time. A pattern like
+  ``(a+)+$`` needs far longer and is refused with one line saying so. Stored entries are
+  vetted the same way when compiled; one that no longer passes is skipped and logged
+  (`ServerRules.compile`);
+- when checking, a server regex searches windows of at most `WINDOW` characters, so its
+  cost grows linearly with the text (a consequence: it only finds matches up to `OVERLAP`
+  characters long; a match that touches a window's edge is confirmed on the whole text, so
+  ``$`` and ``\\b`` keep their meaning), under one deadline of `REGEX_TIMEOUT` (wall clock)
+  per rule and text;
+- a search that runs out of time counts as **a match**: the text is refused under that
+  rule, and the rule is logged once as too slow. This is the safe choice for a safety
+  filter: the alternative (skip the rule) would let anyone slip a blocked word past the
+  filter by padding the message with text that makes the rule slow, while failing closed
+  costs at most a refusal of a text built to be slow (members can rephrase; moderators see
+  the log line and can fix the rule). The trial at add time makes this rare in practice.
+  (The engine checks its clock coarsely: a search may overrun its timeout by a few tens of
+  milliseconds.)
 """
 
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 import re
-import re._constants as _sre
-import re._parser as _sre_parse
 import threading
+import time
 import unicodedata
 from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
+
+import regex
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +65,9 @@ MAX_WORD_CHARS = 100
 MAX_REGEX_CHARS = 200
 WINDOW = 256  # characters a server regex sees at once
 OVERLAP = 96  # windows overlap by this much: the longest match a server regex is sure to find
+REGEX_TIMEOUT = 0.1  # seconds one server regex may spend on one text (all its windows); then it counts as a match
+TRIAL_LIMIT = 0.02  # seconds one trial search (one window of adversarial text) may take at /blocklist add
+MAX_REPEAT = 1000  # the largest counted repeat, {n} or {m,n}, multiplied through nested groups
 
 CATEGORY_LABELS = MappingProxyType({
     "minors": "sexual content involving minors",
@@ -324,14 +348,20 @@ class ServerRule:
 @dataclass(frozen=True)
 class _CompiledServerRule:
     label: str
-    plain: re.Pattern[str]
-    folded: re.Pattern[str]
-    windowed: bool
+    plain: _Searcher
+    folded: _Searcher
+    windowed: bool  # a server regex (on the ``regex`` engine, under a deadline); else a word
 
     def search(self, form: Normalised) -> bool:
-        if self.windowed:
-            return _windowed(self.plain, form.plain) or _windowed(self.folded, form.folded)
-        return bool(self.plain.search(form.plain) or self.folded.search(form.folded))
+        if not self.windowed:
+            return bool(self.plain.search(form.plain) or self.folded.search(form.folded))
+        deadline = time.monotonic() + REGEX_TIMEOUT
+        try:
+            return (_windowed(self.plain, form.plain, deadline)  # type: ignore[arg-type]
+                    or _windowed(self.folded, form.folded, deadline))  # type: ignore[arg-type]
+        except TimeoutError:
+            _log_timeout_once(self.label, len(form.plain))
+            return True  # fail closed: see the module docstring
 
 
 @dataclass(frozen=True)
@@ -365,7 +395,8 @@ def validate_rule(pattern: str, is_regex: bool) -> str:
     return cleaned
 
 
-_Compiled = tuple[re.Pattern[str], re.Pattern[str], bool]  # plain, folded, windowed
+_Searcher = re.Pattern[str] | regex.Pattern  # words on ``re``, server regexes on ``regex``
+_Compiled = tuple[_Searcher, _Searcher, bool]  # plain, folded, windowed (a server regex)
 
 
 class RuleCache:
@@ -407,10 +438,9 @@ def _compile_patterns(pattern: str, is_regex: bool) -> _Compiled:
             raise SafetyError("regex: the pattern is empty")
         if len(pattern) > MAX_REGEX_CHARS:
             raise SafetyError(f"regex: at most {MAX_REGEX_CHARS} characters (got {len(pattern)})")
-        problem = regex_problem(pattern)
-        if problem:
+        compiled, problem = _vet(pattern)
+        if compiled is None:
             raise SafetyError(f"regex: {problem}")
-        compiled = re.compile(pattern, re.IGNORECASE)
         return compiled, compiled, True
     if not pattern or len(pattern) > MAX_WORD_CHARS:
         raise SafetyError(f"word: expected 1 to {MAX_WORD_CHARS} characters")
@@ -429,8 +459,9 @@ def _word_regex(words: list[str], prefix: bool, suffix: bool, expand: bool = Fal
     return ("" if prefix else r"(?<![^\W_])") + body + ("" if suffix else r"(?![^\W_])")
 
 
-def _windowed(pattern: re.Pattern[str], text: str) -> bool:
-    """Search in overlapping windows cut at spaces, so no search sees more than WINDOW chars."""
+def _windowed(pattern: regex.Pattern, text: str, deadline: float) -> bool:
+    """Search in overlapping windows cut at spaces, so no search sees more than WINDOW chars;
+    TimeoutError once ``deadline`` (``time.monotonic``) has passed."""
     n = len(text)
     start = 0
     while True:
@@ -439,154 +470,151 @@ def _windowed(pattern: re.Pattern[str], text: str) -> bool:
             cut = text.rfind(" ", start + OVERLAP + 1, end)
             if cut != -1:
                 end = cut  # a cut word would look whole to \b; cutting at a space never does
-        if pattern.search(text, start, end):
+        if _search_window(pattern, text, start, end, deadline):
             return True
         if end >= n:
             return False
         start = end - OVERLAP
 
 
-# --- regex vetting ---------------------------------------------------------------------------
-_ALPHABET = frozenset(range(0x250))  # ASCII and Latin: enough to see whether two parts overlap
-_REPEATS = (_sre.MAX_REPEAT, _sre.MIN_REPEAT)
-
-
-@dataclass(frozen=True)
-class _Atom:
-    chars: frozenset[int]
-    min: int
-    variable: bool
-
-
-def _cased(code: int) -> set[int]:
-    char = chr(code)
-    return {code} | {ord(c) for c in (char.lower(), char.upper()) if len(c) == 1}
-
-
-def _category(name: object) -> frozenset[int]:
-    tests = {
-        _sre.CATEGORY_DIGIT: lambda c: c.isdecimal(),
-        _sre.CATEGORY_SPACE: lambda c: c.isspace(),
-        _sre.CATEGORY_WORD: lambda c: c.isalnum() or c == "_",
-    }
-    for positive, negative in ((_sre.CATEGORY_DIGIT, _sre.CATEGORY_NOT_DIGIT),
-                               (_sre.CATEGORY_SPACE, _sre.CATEGORY_NOT_SPACE),
-                               (_sre.CATEGORY_WORD, _sre.CATEGORY_NOT_WORD)):
-        if name in (positive, negative):
-            chars = frozenset(c for c in _ALPHABET if tests[positive](chr(c)))
-            return chars if name == positive else _ALPHABET - chars
-    return _ALPHABET  # an unknown category: assume it overlaps everything
-
-
-def _class_chars(items: list[tuple[object, object]]) -> frozenset[int]:
-    chars: set[int] = set()
-    negate = False
-    for op, av in items:
-        if op == _sre.NEGATE:
-            negate = True
-        elif op == _sre.LITERAL:
-            chars |= _cased(av)  # type: ignore[arg-type]
-        elif op == _sre.RANGE:
-            low, high = av  # type: ignore[misc]
-            for code in range(low, min(high, 0x24F) + 1):
-                chars |= _cased(code)
-        elif op == _sre.CATEGORY:
-            chars |= _category(av)
-        else:
-            chars |= _ALPHABET
-    return _ALPHABET - chars if negate else frozenset(chars)
-
-
-def _atoms(items: Iterable[tuple[object, object]], depth: int) -> list[_Atom]:
-    """Linearise a parsed pattern; raise SafetyError for what cannot be bounded."""
-    atoms: list[_Atom] = []
-    for op, av in items:
-        if op == _sre.LITERAL:
-            atoms.append(_Atom(frozenset(_cased(av)), 1, False))  # type: ignore[arg-type]
-        elif op == _sre.NOT_LITERAL:
-            atoms.append(_Atom(_ALPHABET - _cased(av), 1, False))  # type: ignore[arg-type]
-        elif op == _sre.ANY:
-            atoms.append(_Atom(_ALPHABET, 1, False))
-        elif op == _sre.IN:
-            atoms.append(_Atom(_class_chars(av), 1, False))  # type: ignore[arg-type]
-        elif op == _sre.AT:
-            continue
-        elif op == _sre.SUBPATTERN:
-            atoms += _atoms(av[-1], depth)  # type: ignore[index]
-        elif op == _sre.ATOMIC_GROUP:
-            atoms += _atoms(av, depth)  # type: ignore[arg-type]
-        elif op in (_sre.ASSERT, _sre.ASSERT_NOT):
-            _check_sequence(_atoms(av[1], depth))  # type: ignore[index]  # zero-width: vetted on its own
-        elif op == _sre.BRANCH:
-            branches = [_atoms(alt, depth) for alt in av[1]]  # type: ignore[index]
-            for branch in branches:
-                _check_sequence(branch)
-            atoms.append(_Atom(
-                frozenset().union(*(a.chars for b in branches for a in b)),
-                min(sum(a.min for a in b) for b in branches),
-                any(a.variable for b in branches for a in b),
-            ))
-        elif op in (*_REPEATS, _sre.POSSESSIVE_REPEAT):
-            low, high, body = av  # type: ignore[misc]
-            if high > 1 and depth > 0:
-                raise SafetyError("nested repetition such as (a+)+ is not allowed")
-            inner = _atoms(body, depth + 1 if high > 1 else depth)
-            if high > 1 and any(a.variable for a in inner):
-                raise SafetyError("nested repetition such as (ab?)+ or (a|bc)+ is not allowed")
-            if high > 1 and _contains_branch(body):
-                raise SafetyError("a repeated group of alternatives such as (ab|cd)+ is not allowed")
-            atoms.append(_Atom(
-                frozenset().union(*(a.chars for a in inner)),
-                low * sum(a.min for a in inner),
-                # a possessive repeat never gives characters back, so it cannot compete
-                high != low and op != _sre.POSSESSIVE_REPEAT,
-            ))
-        elif op in (_sre.GROUPREF, _sre.GROUPREF_EXISTS):
-            raise SafetyError("backreferences such as \\1 are not allowed")
-        else:
-            raise SafetyError(f"{str(op).lower()} is not supported in blocklist patterns")
-    _check_sequence(atoms)
-    return atoms
-
-
-def _contains_branch(items: Iterable[tuple[object, object]]) -> bool:
-    for op, av in items:
-        if op == _sre.BRANCH:
+def _search_window(pattern: regex.Pattern, text: str, start: int, end: int, deadline: float) -> bool:
+    """Whether ``pattern`` matches in text[start:end]. A match that ends at the edge of a window
+    short of the text's end may owe itself to that edge (``$``, ``\\b`` or a lookahead see the
+    window's end as the text's): it counts only if it also matches at its start in the whole text."""
+    pos = start
+    while pos <= end:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("server regex out of time")
+        found = pattern.search(text, pos, end, timeout=left)
+        if found is None:
+            return False
+        if found.end() < end or end == len(text):
             return True
-        if op == _sre.SUBPATTERN and _contains_branch(av[-1]):  # type: ignore[index]
+        if pattern.match(text, found.start(), timeout=max(deadline - time.monotonic(), 1e-6)):
             return True
+        pos = found.start() + 1
     return False
 
 
-def _check_sequence(atoms: list[_Atom]) -> None:
-    """Refuse two variable parts that can fight over the same characters: what lies between
-    them is optional or matchable by the first (``.*x.*``, ``\\w+\\s*\\w+``, ``a?a?``)."""
-    for i, first in enumerate(atoms):
-        if not first.variable:
+_timed_out: set[str] = set()
+_timed_out_lock = threading.Lock()
+
+
+def _log_timeout_once(label: str, length: int) -> None:
+    with _timed_out_lock:
+        if label in _timed_out:
+            return
+        if len(_timed_out) >= 10_000:
+            _timed_out.clear()
+        _timed_out.add(label)
+    log.warning("blocklist entry %s ran out of time (%.2f s) on a %d-character text; the text was refused "
+                "under it (logged once per entry; simplify the pattern)", label, REGEX_TIMEOUT, length)
+
+
+# --- regex vetting ---------------------------------------------------------------------------
+_TRIAL_CHARS = "a0 x_.-!/"  # what \w, \d, \s, . and common classes match, besides the pattern's own
+_TRIAL_SEEDS = 16  # distinct characters the trial texts are built from
+_TRIAL_WALL_LIMIT = 5 * TRIAL_LIMIT
+_TRIAL_END = "\x00"  # ends most trial texts: no pattern expects it, so a greedy repeat must give back
+
+
+def _trial_texts(pattern: str) -> Iterable[str]:
+    """Texts of one window each that make backtracking patterns slow: long runs of one
+    character, or of two alternating ones, built from the pattern's own characters first."""
+    own = [c for c in pattern.casefold() if c.isalnum() or c in " -_.,!?@#:/'&"]
+    seeds = list(dict.fromkeys(own + list(_TRIAL_CHARS)))[:_TRIAL_SEEDS]
+    for c in seeds:
+        yield c * (WINDOW - 1) + _TRIAL_END
+        yield c * WINDOW
+    for a, b in itertools.pairwise(seeds):
+        yield (a + b) * (WINDOW // 2 - 1) + _TRIAL_END
+        yield (a + " ") * (WINDOW // 2 - 1) + _TRIAL_END
+
+
+_COUNTED = re.compile(r"\{(\d*)(?:,(\d*))?\}")
+_BRACED_ESCAPES = frozenset("pPNxug")  # \p{L}, \N{name}, \x{41}, \g<name>… : their braces are no repeat
+
+
+def _largest_repeat(pattern: str) -> int:
+    """The largest counted repeat of a pattern, nested counts multiplied: ``((a{10}){20})`` is 200.
+    The ``regex`` engine expands counted repeats when it compiles them, without a timeout, so
+    ``a{4294967294}`` would stall the compile."""
+    largest = 0
+    stack = [0]  # per open group: the largest repeat inside it so far
+    last = 1  # the repeat count of the atom just before a quantifier
+    i, n = 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if c == "\\":
+            if i + 2 < n and pattern[i + 1] in _BRACED_ESCAPES and pattern[i + 2] in "{<":
+                close = pattern.find("}" if pattern[i + 2] == "{" else ">", i + 2)
+                i = n if close == -1 else close + 1
+            else:
+                i += 2
+            last = 1
             continue
-        for later in atoms[i + 1:]:
-            if later.variable and first.chars & later.chars:
-                raise SafetyError(
-                    "two repeated parts that can match the same text (such as .*x.* or \\w+\\s*\\w+) are not "
-                    "allowed; make the part between them required, e.g. \\w+\\s+\\w+"
-                )
-            if later.min > 0 and not later.chars <= first.chars:
-                break  # the first part cannot run past this one
+        if c == "[":
+            j = i + 1
+            if j < n and pattern[j] == "^":
+                j += 1
+            if j < n and pattern[j] == "]":
+                j += 1
+            while j < n and pattern[j] != "]":
+                j += 2 if pattern[j] == "\\" else 1
+            i, last = j + 1, 1
+            continue
+        if c == "(":
+            stack.append(0)
+            i += 1
+            continue
+        if c == ")" and len(stack) > 1:
+            last = max(stack.pop(), 1)
+            stack[-1] = max(stack[-1], last)
+            i += 1
+            continue
+        counted = _COUNTED.match(pattern, i) if c == "{" else None
+        if counted and (counted[1] or counted[2]):
+            count = max(int(counted[1] or 0), int(counted[2] or 0))
+            total = count * last
+            largest = max(largest, total)
+            stack[-1] = max(stack[-1], total)
+            i = counted.end()
+            continue
+        last = 1
+        i += 1
+    return largest
+
+
+def _vet(pattern: str) -> tuple[regex.Pattern | None, str | None]:
+    """The compiled pattern, or None and why it is refused."""
+    if _largest_repeat(pattern) > MAX_REPEAT:
+        return None, f"repeat counts such as {{n}} may be at most {MAX_REPEAT} (nested ones multiplied)"
+    try:
+        compiled = regex.compile(pattern, regex.IGNORECASE | regex.V0)
+    except regex.error as exc:
+        return None, f"does not compile: {getattr(exc, 'msg', exc)}"
+    except (OverflowError, RecursionError, ValueError):
+        return None, "does not compile: too complex"
+    try:
+        if compiled.search("", timeout=TRIAL_LIMIT) is not None:
+            return None, "it matches an empty text, so it would block every message"
+        for text in _trial_texts(pattern):
+            # CPU time decides (a busy machine must not get a good pattern refused); the
+            # timeout, on the wall clock, only stops a search that would run for minutes.
+            started = time.thread_time()
+            compiled.search(text, timeout=_TRIAL_WALL_LIMIT)
+            if time.thread_time() - started > TRIAL_LIMIT:
+                raise TimeoutError
+    except TimeoutError:
+        return None, (f"too slow on some texts (over {TRIAL_LIMIT * 1000:.0f} ms on a test text of {WINDOW} "
+                      "characters); avoid nested or overlapping repeats such as (a+)+ or (a|aa)+")
+    return compiled, None
 
 
 def regex_problem(pattern: str) -> str | None:
     """Why a server regex is refused, or None when it is safe to run."""
-    try:
-        parsed = _sre_parse.parse(pattern, re.IGNORECASE)
-    except re.error as exc:
-        return f"does not compile: {exc.msg}"
-    except (OverflowError, RecursionError):
-        return "does not compile: too complex"
-    try:
-        _atoms(parsed, 0)
-    except SafetyError as exc:
-        return str(exc)
-    return None
+    return _vet(pattern)[1]
 
 
 # --- checking --------------------------------------------------------------------------------
