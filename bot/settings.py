@@ -15,6 +15,9 @@ from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_vali
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
+from generators.base import text_problem
+from storage.ids import is_snowflake
+
 if TYPE_CHECKING:
     from generators.queue import QueueConfig
     from jobs.finetune import FinetuneSettings
@@ -118,6 +121,13 @@ class Settings(BaseSettings):
         "servers refine it per kind with /config set daily_quota.text|image|audio.",
     )
 
+    # --- privacy -----------------------------------------------------------------------------
+    retention_days: int = Field(
+        30, ge=0, le=3650, validation_alias=_env("AIGC_RETENTION_DAYS"),
+        description="Prompts, results, generated files, conversation turns and safety-log excerpts older "
+        "than this many days are deleted each night (0: kept until a member asks to forget them).",
+    )
+
     # --- discord -----------------------------------------------------------------------------
     discord_token: SecretStr | None = Field(None, validation_alias=_env("DISCORD_TOKEN"))
     discord_application_id: int | None = Field(None, validation_alias=_env("DISCORD_APPLICATION_ID"))
@@ -143,16 +153,35 @@ class Settings(BaseSettings):
         "INFO", validation_alias=_env("AIGC_LOG_LEVEL")
     )
 
+    @field_validator("*")
+    @classmethod
+    def _plain_text(cls, value: object) -> object:
+        """No setting may hold a NUL or another control character, or bytes that are not UTF-8."""
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if isinstance(text, str | Path):
+            problem = text_problem(str(text), "the value", visible=False)
+            if problem is not None:
+                raise ValueError(problem)
+        return value
+
     @field_validator("discord_dev_guild_ids", "schedule_channels", mode="before")
     @classmethod
     def _split_ids(cls, value: object) -> object:
-        if isinstance(value, str):
-            parts = [part for part in value.replace(" ", "").split(",") if part]
-            if not all(part.isdigit() for part in parts):
-                raise ValueError("expected comma-separated numeric guild ids, e.g. 1234567890,9876543210")
+        if isinstance(value, str | int) and not isinstance(value, bool):
+            parts = [part for part in str(value).replace(" ", "").split(",") if part]
+            if not all(is_snowflake(part) for part in parts):
+                raise ValueError("expected comma-separated Discord ids (ASCII digits, not zero, at most 64 bits), "
+                                 "e.g. 1234567890,9876543210")
             return [int(part) for part in parts]
-        if isinstance(value, int):
-            return [value]
+        if isinstance(value, list) and not all(is_snowflake(part) for part in value):
+            raise ValueError("expected Discord ids (ASCII digits, not zero, at most 64 bits)")
+        return value
+
+    @field_validator("discord_application_id")
+    @classmethod
+    def _application_id(cls, value: int | None) -> int | None:
+        if value is not None and not is_snowflake(value):
+            raise ValueError("expected the application's Discord id (ASCII digits, not zero, at most 64 bits)")
         return value
 
     @field_validator("discord_public_key")
@@ -256,6 +285,17 @@ def load_settings(**overrides: object) -> Settings:
         env_name = _env_name(field_name)
         message = error["msg"].removeprefix("Value error, ")
         raise SettingsError(f"setting {env_name}: {message}") from None
+    except UnicodeDecodeError as exc:  # the .env file
+        raise SettingsError(f"setting {_undecodable(exc)}: not valid UTF-8 text in the settings file "
+                            f"(byte 0x{exc.object[exc.start]:02x})") from None
+
+
+def _undecodable(exc: UnicodeDecodeError) -> str:
+    """The name on the line of a .env file where ``exc`` found bytes that are not UTF-8."""
+    data = bytes(exc.object)
+    start = data.rfind(b"\n", 0, exc.start) + 1
+    name = data[start:exc.start].partition(b"=")[0].removeprefix(b"export ").strip()
+    return name.decode("ascii", "replace") if name and b"=" in data[start:exc.start] else "?"
 
 
 def _source_field(message: str) -> str:

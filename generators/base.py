@@ -10,6 +10,7 @@ artifacts and the bot renders them. Nothing here knows about Discord or SQLite.
 from __future__ import annotations
 
 import threading
+import unicodedata
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
@@ -18,6 +19,49 @@ from typing import Any
 
 class GeneratorError(Exception):
     """A request this generator cannot honour; the message is shown to the user as is."""
+
+
+#: Characters that show nothing by themselves: spaces and line breaks, control and format
+#: characters (zero-width spaces and joiners U+200B..U+200F, word joiner U+2060, BOM U+FEFF,
+#: bidi marks…), unassigned and private-use code points, lone combining marks, and the
+#: letter-like fillers that render blank.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Cs", "Cn", "Co", "Zs", "Zl", "Zp", "Mn", "Me"})
+_BLANK_FILLERS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+_ALLOWED_CONTROLS = frozenset("\t\n\r")
+
+
+def text_problem(text: str, what: str = "the prompt", *, visible: bool = True) -> str | None:
+    """Why ``text`` cannot be taken as ``what`` (one line for the user), or None.
+
+    The one check of free text before it is stored or run, whatever the front end: it must
+    be valid Unicode (no lone surrogates, which is how bytes that are not UTF-8 arrive from
+    argv, stdin or a JSON escape), hold no control character but tab and line breaks (NUL
+    included), and, with ``visible``, contain at least one character that shows.
+    """
+    for char in text:
+        code = ord(char)
+        if 0xD800 <= code <= 0xDFFF:
+            return f"{what} is not valid UTF-8 text"
+        if char not in _ALLOWED_CONTROLS and unicodedata.category(char) == "Cc":
+            return f"{what} contains a control character (U+{code:04X})"
+    if visible:
+        if not text.strip():
+            return f"{what} is empty"
+        if not any(_shows(char) for char in text):
+            return f"{what} has no visible text (only spaces, invisible or control characters)"
+    return None
+
+
+def check_text(text: str, what: str = "the prompt", *, visible: bool = True) -> str:
+    """``text`` if `text_problem` finds nothing wrong with it; else GeneratorError."""
+    problem = text_problem(text, what, visible=visible)
+    if problem is not None:
+        raise GeneratorError(problem)
+    return text
+
+
+def _shows(char: str) -> bool:
+    return unicodedata.category(char) not in _INVISIBLE_CATEGORIES and char not in _BLANK_FILLERS
 
 
 class Cancelled(Exception):

@@ -31,7 +31,7 @@ from transformers import (
 )
 
 from generators import quantization
-from generators.base import Generator, GeneratorError, Request, Result
+from generators.base import Generator, GeneratorError, Request, Result, check_text
 from generators.model_source import ModelSource, resolve_text_model
 from generators.sampling import DEFAULTS, RANGES
 
@@ -80,9 +80,7 @@ class TextGenerator(Generator):
         return self.source
 
     def check(self, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
-        prompt_chars = len(prompt.strip())
-        if prompt_chars == 0:
-            raise GeneratorError("the prompt is empty")
+        check_text(prompt)
         if len(prompt) > self.max_prompt_chars:
             raise GeneratorError(
                 f"the prompt is {len(prompt)} characters; the limit is {self.max_prompt_chars}"
@@ -108,7 +106,7 @@ class TextGenerator(Generator):
             raise GeneratorError("seed must be a whole number from 0 to 2^63-1")
         checked["seed"] = seed
         if params.get("system_prompt"):
-            checked["system_prompt"] = str(params["system_prompt"])
+            checked["system_prompt"] = check_text(str(params["system_prompt"]), "the system prompt")
         if params.get("history"):
             history = params["history"]
             if not isinstance(history, list) or not all(

@@ -21,15 +21,15 @@ from typing import Any
 import sqlite_utils
 
 from storage.database import immediate
+from storage.ids import is_snowflake
 
 SERVER = ""  # the channel column's value for a server-wide setting
 MAX_VALUE_CHARS = 1000
 _COMMAND_NAME = re.compile(r"[a-z0-9_-]{1,32}")
-_SNOWFLAKE = re.compile(r"\d{15,21}")
 _MODEL_KINDS = ("text", "image", "audio")
 _TRUE = {"true", "yes", "on", "1", "enable", "enabled"}
 _FALSE = {"false", "no", "off", "0", "disable", "disabled"}
-_DURATION = re.compile(r"(\d{1,6})\s*([smh]?)", re.IGNORECASE)
+_DURATION = re.compile(r"([0-9]{1,6})\s*([smh]?)", re.IGNORECASE)
 _UNIT_S = {"": 1, "s": 1, "m": 60, "h": 3600}
 MAX_COOLDOWN_S = 86400
 MAX_DAILY_QUOTA = 100000
@@ -111,7 +111,7 @@ def _model(text: str, ctx: ConfigContext) -> str:
 
 def _max_pending(text: str, ctx: ConfigContext) -> int:
     value = text.strip()
-    if not re.fullmatch(r"\d{1,3}", value) or not 1 <= int(value) <= 100:
+    if not re.fullmatch(r"[0-9]{1,3}", value) or not 1 <= int(value) <= 100:
         raise ValueError("expected a whole number from 1 to 100, such as 5")
     return int(value)
 
@@ -126,7 +126,7 @@ def _cooldown(text: str, ctx: ConfigContext) -> int:
 
 def _daily_quota(text: str, ctx: ConfigContext) -> int:
     value = text.strip()
-    if not re.fullmatch(r"\d{1,6}", value) or int(value) > MAX_DAILY_QUOTA:
+    if not re.fullmatch(r"[0-9]{1,6}", value) or int(value) > MAX_DAILY_QUOTA:
         raise ValueError(f"expected a whole number from 0 to {MAX_DAILY_QUOTA} (0 = unlimited), such as 20")
     return int(value)
 
@@ -145,8 +145,10 @@ def _timezone(text: str, ctx: ConfigContext) -> str:
 
 def _role(text: str, ctx: ConfigContext) -> str:
     value = text.strip()
-    mention = re.fullmatch(r"<@&(\d{15,21})>", value)
+    mention = re.fullmatch(r"<@&(.*)>", value)
     if mention:
+        if not is_snowflake(mention.group(1)):
+            raise ValueError("expected a role name or id, such as Moderator or 123456789012345678")
         return mention.group(1)
     value = value.removeprefix("@")
     if not value or len(value) > 100 or "\n" in value:
@@ -156,10 +158,10 @@ def _role(text: str, ctx: ConfigContext) -> str:
 
 def _channel(text: str, ctx: ConfigContext) -> str:
     value = text.strip()
-    mention = re.fullmatch(r"<#(\d{15,21})>", value)
+    mention = re.fullmatch(r"<#([0-9]+)>", value)
     if mention:
-        return mention.group(1)
-    if not _SNOWFLAKE.fullmatch(value):
+        value = mention.group(1)
+    if len(value) < 15 or not is_snowflake(value):
         raise ValueError("expected a channel id or mention, such as 123456789012345678")
     return value
 

@@ -1,6 +1,8 @@
 """The `aigcbot` command line: run the bot, generate once, inspect and cancel jobs.
 
-Every error the user can cause ends in one line on stderr and a nonzero exit status.
+Every error the user can cause ends in one line on stderr (``error: …``) and a nonzero exit
+status: 2 for an argument the parser refuses (`bot.cli.args`), 1 for a command that fails.
+Bad input writes nothing: it is refused before the database is opened or a job is written.
 """
 
 from __future__ import annotations
@@ -13,11 +15,25 @@ from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
 from typing import Any
 
+from bot.cli.args import (
+    COUNT,
+    JOB_ID,
+    LIMIT,
+    PORT,
+    SEED,
+    TOKENS,
+    TOP_K,
+    Parser,
+    argv_problem,
+    number,
+    place,
+    visible_text,
+)
 from bot.cli.schedule import add_schedule_parser, cmd_schedule
 from bot.cli.train import add_train_parser, cmd_train
 from bot.core.invocation import local_user
 from bot.settings import Settings, SettingsError, load_settings
-from generators.base import GeneratorError
+from generators.base import GeneratorError, check_text
 from generators.queue import QueueError
 from storage.database import StorageError
 from storage.jobs import JobNotFound, JobRecord, NewJob, QuotaExceeded
@@ -31,65 +47,75 @@ class CliError(Exception):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="aigcbot", description="Self-hosted generative-AI Discord bot.")
+    parser = Parser(prog="aigcbot", description="Self-hosted generative-AI Discord bot.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="start the bot (Discord when DISCORD_TOKEN is set, else the console)")
     run.add_argument("--console", action="store_true", help="use the local console even with a token")
     run.add_argument("--http", action="store_true", help="serve Discord's HTTP interactions endpoint")
-    run.add_argument("--host", default="127.0.0.1", help="address for --http (default 127.0.0.1)")
-    run.add_argument("--port", type=int, default=8080, help="port for --http (default 8080)")
+    run.add_argument("--host", type=visible_text, default="127.0.0.1", help="address for --http (default 127.0.0.1)")
+    run.add_argument("--port", type=PORT, default=8080, help="port for --http (default 8080)")
     run.add_argument("--sync-commands", action="store_true",
                      help="register the slash commands with Discord even if they did not change")
-    run.add_argument("--guild", default="local", help="server id the console acts in (default: a local one)")
-    run.add_argument("--channel", default="console", help="channel id the console acts in")
+    run.add_argument("--guild", type=place("local"), default="local",
+                     help="server id the console acts in (default: a local one)")
+    run.add_argument("--channel", type=place("console"), default="console", help="channel id the console acts in")
 
     generate = sub.add_parser("generate", help="generate once through the queue and print the result")
     gen_sub = generate.add_subparsers(dest="kind", required=True)
     text = gen_sub.add_parser("text", help="generate text")
     text.add_argument("prompt")
-    text.add_argument("--model", help="model name, Hugging Face id or local folder")
-    text.add_argument("--max-new-tokens", type=int)
-    text.add_argument("--temperature", type=float)
-    text.add_argument("--top-p", type=float)
-    text.add_argument("--top-k", type=int)
-    text.add_argument("--repetition-penalty", type=float)
-    text.add_argument("--seed", type=int)
+    text.add_argument("--model", type=visible_text, help="model name, Hugging Face id or local folder")
+    text.add_argument("--max-new-tokens", type=TOKENS)
+    text.add_argument("--temperature", type=number)
+    text.add_argument("--top-p", type=number)
+    text.add_argument("--top-k", type=TOP_K)
+    text.add_argument("--repetition-penalty", type=number)
+    text.add_argument("--seed", type=SEED)
     text.add_argument("--json", action="store_true", help="print a JSON object")
     image = gen_sub.add_parser("image", help="generate an image (PNG)")
     image.add_argument("prompt")
-    image.add_argument("--model", help="face | fashion | digits | diffusion (default AIGC_IMAGE_MODEL)")
-    image.add_argument("--count", type=int, help="1-4 images, as a grid")
-    image.add_argument("--seed", type=int)
+    image.add_argument("--model", type=visible_text,
+                       help="face | fashion | digits | diffusion (default AIGC_IMAGE_MODEL)")
+    image.add_argument("--count", type=COUNT, help="1-4 images, as a grid")
+    image.add_argument("--seed", type=SEED)
     image.add_argument("--json", action="store_true", help="print a JSON object")
     audio = gen_sub.add_parser("audio", help="read text aloud (OGG/Opus, or WAV)")
     audio.add_argument("prompt", metavar="TEXT")
-    audio.add_argument("--model", help="speech model (default: the embedded hibari voice)")
-    audio.add_argument("--voice")
-    audio.add_argument("--speed", type=float)
+    audio.add_argument("--model", type=visible_text, help="speech model (default: the embedded hibari voice)")
+    audio.add_argument("--voice", type=visible_text)
+    audio.add_argument("--speed", type=number)
     audio.add_argument("--format", choices=["ogg", "wav"])
-    audio.add_argument("--seed", type=int)
+    audio.add_argument("--seed", type=SEED)
     audio.add_argument("--json", action="store_true", help="print a JSON object")
 
     jobs = sub.add_parser("jobs", help="list, show or cancel jobs")
     jobs_sub = jobs.add_subparsers(dest="action", required=True)
     listing = jobs_sub.add_parser("list", help="recent jobs")
     listing.add_argument("--status", choices=["queued", "running", "succeeded", "failed", "cancelled", "expired"])
-    listing.add_argument("--user", help="only this requester")
-    listing.add_argument("--limit", type=int, default=20)
+    listing.add_argument("--user", type=visible_text, help="only this requester")
+    listing.add_argument("--limit", type=LIMIT, default=20, help="at most this many (1-10000, default 20)")
     listing.add_argument("--json", action="store_true")
     show = jobs_sub.add_parser("show", help="one job")
-    show.add_argument("job_id", type=int)
+    show.add_argument("job_id", type=JOB_ID)
     show.add_argument("--json", action="store_true")
     cancel = jobs_sub.add_parser("cancel", help="cancel a job")
-    cancel.add_argument("job_id", type=int)
+    cancel.add_argument("job_id", type=JOB_ID)
     add_schedule_parser(sub)
     add_train_parser(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    problem = argv_problem(argv)
+    if problem is not None:
+        print(f"error: aigcbot: {problem}", file=sys.stderr)
+        return 2
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as exc:  # a usage error (one line, already printed) or --help
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         settings = load_settings()
         from bot.cli.logs import configure_logging
@@ -158,6 +184,7 @@ async def _generate(settings: Settings, kind: str, prompt: str, params: dict[str
 
     registry = make_registry(settings)
     # Validate before touching the database, so bad input leaves nothing behind.
+    check_text(prompt)
     generator = registry.get(kind, model)
     await asyncio.to_thread(generator.check, prompt, params)
     services = Services(settings, registry=registry)

@@ -6,7 +6,7 @@ schedules. Its channel check: any numeric channel id, unless known channels are 
 picks up schedules changed here within its sync interval (a minute).
 ``schedule run`` generates through a queue of its own, like ``aigcbot generate``, and prints
 where and what it would post instead of posting: the CLI has no Discord connection.
-Every error is one line on stderr and exit status 1.
+Every error is one line on stderr and exit status 1 (2 for an argument the parser refuses).
 """
 
 from __future__ import annotations
@@ -20,12 +20,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from bot.cli.args import SCHEDULE_ID, discord_id, visible_text
 from bot.commands import schedules as handlers
-from bot.core.invocation import Button, Form, Invocation, Status, local_user
+from bot.core.invocation import Button, FileOut, Form, Invocation, Status, local_user
 from bot.core.services import LocalTarget, Services, make_registry
 from bot.settings import Settings, poster_options
+from generators.base import text_problem
 from jobs.schedule_spec import ScheduleError
-from jobs.scheduled_posts import ScheduleRequest, validate_request
+from jobs.scheduled_posts import ScheduleRequest, normalize_channel, validate_request
+from storage.ids import is_snowflake
 from storage.jobs import JobRecord
 
 
@@ -37,21 +40,21 @@ def add_schedule_parser(subparsers: Any) -> None:
     add.add_argument("--channel", required=True, help="channel id to post in")
     add.add_argument("--when", required=True,
                      help="cron expression ('*/30 * * * *') or preset: hourly, 'daily 09:00', 'weekly mon 09:00'")
-    add.add_argument("--kind", default="text", help="text, image or audio (default text)")
+    add.add_argument("--kind", type=visible_text, default="text", help="text, image or audio (default text)")
     add.add_argument("--prompt", required=True,
                      help="prompt template; variables: {date} {weekday} {server} {channel} {community_quote}")
-    add.add_argument("--model", help="model name (default: the kind's default model)")
-    add.add_argument("--guild", help="server (guild) id the schedule belongs to")
-    add.add_argument("--timezone", help="IANA time zone for the schedule (default UTC)")
+    add.add_argument("--model", type=visible_text, help="model name (default: the kind's default model)")
+    add.add_argument("--guild", type=discord_id, help="server (guild) id the schedule belongs to")
+    add.add_argument("--timezone", type=visible_text, help="IANA time zone for the schedule (default UTC)")
     add.add_argument("--json", action="store_true", help="print a JSON object")
     listing = actions.add_parser("list", help="scheduled posts and their next run")
-    listing.add_argument("--guild", help="only this server's")
+    listing.add_argument("--guild", type=discord_id, help="only this server's")
     listing.add_argument("--json", action="store_true", help="print a JSON array")
     for name, text in (("remove", "delete a schedule"), ("pause", "stop a schedule from posting"),
                        ("resume", "let a paused schedule post again"),
                        ("run", "generate one post now and print it (nothing is posted)")):
         action = actions.add_parser(name, help=text)
-        action.add_argument("schedule_id", type=int, metavar="ID")
+        action.add_argument("schedule_id", type=SCHEDULE_ID, metavar="ID")
         action.add_argument("--json", action="store_true", help="print a JSON object")
 
 
@@ -82,7 +85,7 @@ class _Out:
         self.failed = True
         print(f"error: {' '.join(message.split())}", file=sys.stderr, flush=True)
 
-    async def info(self, message: str, buttons: Sequence[Button] = ()) -> None:
+    async def info(self, message: str, buttons: Sequence[Button] = (), files: Sequence[FileOut] = ()) -> None:
         if not self.as_json:
             print(message, flush=True)
 
@@ -109,6 +112,10 @@ async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
     if args.action == "add":
         # Validate before opening the database, so bad input leaves nothing behind, not even a file.
         request = _request(inv, args)
+        problem = _channel_problem(args.channel) or text_problem(args.prompt)
+        if problem is not None:
+            await out.error(problem)
+            return 1
         try:
             await validate_request(request, now=datetime.now(UTC), timezone=request.timezone or "UTC",
                                    min_interval=poster_options(settings)["min_interval"],
@@ -131,6 +138,14 @@ async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
         return await _manage(args, out, inv, services)
     finally:
         await services.close()
+
+
+def _channel_problem(channel: str) -> str | None:
+    """A channel is a Discord id (or its #mention), whatever channels are configured."""
+    if is_snowflake(normalize_channel(channel)):
+        return None
+    return (f"unknown channel {channel!r}; give a channel id (ASCII digits, not zero, at most 64 bits) "
+            "or its #mention")
 
 
 def _request(inv: Invocation, args: argparse.Namespace) -> ScheduleRequest:

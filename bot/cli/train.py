@@ -5,7 +5,8 @@ The run goes through a queue of this process's own with only a training lane, li
 same server and modality is queued or running (in this process or the bot), and gated like
 a nightly run: the new version serves only if held-out validation improves. A running bot
 picks up a promotion made here at its next start (or rollback); progress goes to stderr.
-Every error is one line on stderr and exit status 1.
+A server with too few approved items is refused before any job is written.
+Every error is one line on stderr and exit status 1 (2 for an argument the parser refuses).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bot.cli.args import discord_id, number, visible_text, whole
 from bot.core.invocation import USER_ERRORS, local_user
 from bot.core.services import Services
 from bot.settings import Settings, finetune_settings
@@ -31,14 +33,18 @@ def add_train_parser(subparsers: Any) -> None:
     """Register ``train`` on the CLI's top-level subparsers."""
     train = subparsers.add_parser("train", help="fine-tune a server's model on its approved community content now")
     train.add_argument("kind", choices=["text", "image"], help="which model to fine-tune")
-    train.add_argument("--guild", help="server (guild) id: fine-tune its model on its approved content")
+    train.add_argument("--guild", type=discord_id,
+                       help="server (guild) id: fine-tune its model on its approved content")
     train.add_argument("--model", choices=["dcgan", "vae"], help="image model to train from scratch (without --guild)")
-    train.add_argument("--data", help="fashion-mnist | digits | an image folder (without --guild)")
-    train.add_argument("--epochs", type=int, help="epochs to train (image training without --guild)")
-    train.add_argument("--steps", type=int, help="total steps instead of epochs (image training without --guild)")
+    train.add_argument("--data", type=visible_text, help="fashion-mnist | digits | an image folder (without --guild)")
+    train.add_argument("--epochs", type=whole(1, 10_000, "a number of epochs"),
+                       help="epochs to train (image training without --guild)")
+    train.add_argument("--steps", type=whole(1, 10**9, "a number of steps"),
+                       help="total steps instead of epochs (image training without --guild)")
     train.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
-    train.add_argument("--out", help="checkpoint folder (default: AIGC_DATA_DIR/checkpoints/MODEL-DATA)")
-    train.add_argument("--max-seconds", type=float, help="training time budget (default: the configured one)")
+    train.add_argument("--out", type=visible_text,
+                       help="checkpoint folder (default: AIGC_DATA_DIR/checkpoints/MODEL-DATA)")
+    train.add_argument("--max-seconds", type=number, help="training time budget (default: the configured one)")
     train.add_argument("--json", action="store_true", help="print a JSON object")
 
 
@@ -99,10 +105,22 @@ async def _train(settings: Settings, args: argparse.Namespace) -> int:
     if args.max_seconds is not None and not 1 <= args.max_seconds <= 86_400:
         print("error: --max-seconds must be from 1 to 86400", file=sys.stderr)
         return 1
-    budget = args.max_seconds or finetune_settings(settings).text.max_seconds
+    tuning = finetune_settings(settings)
+    needed = tuning.min_texts if args.kind == "text" else tuning.min_images
+    if not settings.db_file.exists():  # nothing was ever captured: refuse without creating a database
+        print(f"error: only 0 approved {args.kind} item(s) in server {args.guild}; training needs at least "
+              f"{needed} (no database at {settings.db_file} yet)", file=sys.stderr)
+        return 1
+    budget = args.max_seconds or tuning.text.max_seconds
     services = Services(settings, queue_options={
         "lanes": ("training",), "job_timeout_s": max(settings.job_timeout_s, budget + OVERHEAD_S)})
     try:
+        # Refused before any job is written: a run on too little data could only fail.
+        snapshot = await services.adb.run(services.community.snapshot, str(args.guild), args.kind)
+        if len(snapshot.items) < needed:
+            print(f"error: only {len(snapshot.items)} approved {args.kind} item(s) in server {args.guild}; "
+                  f"training needs at least {needed} (approve some with /curate review)", file=sys.stderr)
+            return 1
         await services.start(recover=False, load_backlog=False)
         try:
             record = await services.trainer.submit(str(args.guild), args.kind, requester=f"cli:{local_user()}",

@@ -194,7 +194,7 @@ async def blocklist_remove(inv: Invocation, responder: Responder, services: Serv
     assert inv.guild_id is not None
     text = entry.strip()
     removed = False
-    if re.fullmatch(r"#?\d{1,12}", text):
+    if re.fullmatch(r"#?[0-9]{1,12}", text):
         removed = await services.adb.run(services.safety.remove, inv.guild_id, int(text.lstrip("#")))
     if not removed:
         removed = await services.adb.run(services.safety.remove, inv.guild_id, text)

@@ -21,17 +21,20 @@ one), as the local operator: a moderator there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import sys
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
 from bot.commands import CATALOGUE
 from bot.core.catalogue import Catalogue, Command, complete, run_command, run_component, run_menu
-from bot.core.invocation import Button, Form, Invocation, Status, local_user, user_error
+from bot.core.invocation import Button, FileOut, Form, Invocation, Status, local_user, user_error
 from bot.core.services import Services
+from generators.base import text_problem
 from storage.jobs import JobRecord
 
 log = logging.getLogger(__name__)
@@ -49,9 +52,10 @@ def plain(text: str) -> str:
 class ConsoleResponder:
     """Renders one command's progress and outcome on the terminal."""
 
-    def __init__(self, out: TextIO, err: TextIO, interactive: bool) -> None:
+    def __init__(self, out: TextIO, err: TextIO, interactive: bool, files_dir: Path | None = None) -> None:
         self.out, self.err = out, err
         self.interactive = interactive
+        self.files_dir = files_dir  # where files shown with a reply are saved
         self.failed = False
         self.pending_form: Form | None = None
         self._streamed = ""
@@ -92,9 +96,18 @@ class ConsoleResponder:
         self.failed = True
         print(f"error: {plain(message)}", file=self.err, flush=True)
 
-    async def info(self, message: str, buttons: Sequence[Button] = ()) -> None:
+    async def info(self, message: str, buttons: Sequence[Button] = (), files: Sequence[FileOut] = ()) -> None:
         print(plain(message), file=self.out, flush=True)
+        for file in files:
+            print(f"{file.mime}: {self._save(file)}", file=self.out, flush=True)
         self._buttons(buttons)
+
+    def _save(self, file: FileOut) -> Path:
+        folder = self.files_dir or Path.cwd()
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / file.filename
+        path.write_bytes(file.data)
+        return path
 
     async def form(self, form: Form) -> None:
         self.pending_form = form
@@ -121,11 +134,22 @@ class Console:
         tasks: set[asyncio.Task[None]] = set()
         if self.interactive:
             print("aigc-bot console — type /help for commands, /quit to leave", file=self.stderr)
+        # Bytes that are not UTF-8 must not end the console: they arrive as lone surrogates,
+        # and the line that holds them is refused (`_dispatch`).
+        reconfigure = getattr(self.stdin, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, TypeError, OSError):  # not a text stream that can
+                reconfigure(errors="surrogateescape")
         while True:
             if self.interactive:
                 await asyncio.gather(*tasks)  # one command at a time in a terminal
                 print("> ", end="", file=self.stderr, flush=True)
-            line = await asyncio.to_thread(self.stdin.readline)
+            try:
+                line = await asyncio.to_thread(self.stdin.readline)
+            except UnicodeDecodeError:  # a stream that could not be told to escape them
+                print("error: the input is not valid UTF-8 text; stopped reading", file=self.stderr, flush=True)
+                self.failures += 1
+                break
             if not line:
                 break
             line = line.strip()
@@ -143,6 +167,8 @@ class Console:
 
     async def handle(self, line: str) -> ConsoleResponder:
         """Run one line; returns its responder (what it printed is on the streams)."""
+        # Files go to the working folder, like a download: never into the data folder, which
+        # holds only what the bot keeps (and forgets).
         responder = ConsoleResponder(self.stdout, self.stderr, self.interactive)
         try:
             await self._dispatch(line, responder)
@@ -158,6 +184,10 @@ class Console:
         return responder
 
     async def _dispatch(self, line: str, responder: ConsoleResponder) -> None:
+        problem = text_problem(line, "the line", visible=False)
+        if problem is not None:
+            await responder.error(problem)
+            return
         if not line.startswith("/"):
             await responder.error("commands start with / (type /help)")
             return

@@ -12,6 +12,7 @@ option types and ranges) and then call the handler, a plain async function of
 
 from __future__ import annotations
 
+import inspect
 import math
 import re
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -19,6 +20,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from bot.core.invocation import Button, ButtonStyle, Invocation, Responder
+from generators.base import text_problem
+from storage.ids import is_snowflake
 
 if TYPE_CHECKING:
     from bot.core.services import Services
@@ -33,6 +36,7 @@ Value = str | int | float | bool
 Ack = Literal["public", "ephemeral", "job"]
 Handler = Callable[..., Awaitable[Any]]
 MAX_ID = 2**53 - 1  # ids beyond this lose precision in Discord's JavaScript clients
+MAX_INTEGER = 2**63 - 1  # what SQLite stores; an integer option without bounds stays within it
 CUSTOM_ID_PREFIX = "aigc"
 
 
@@ -65,21 +69,28 @@ class Option:
         if self.kind in ("string", "channel"):
             if not isinstance(value, str):
                 return f"`{name}` must be text."
-            if self.kind == "channel" and not re.fullmatch(r"[0-9]{1,20}", value):
-                return f"`{name}` must be a channel."
+            if self.kind == "channel" and not is_snowflake(value):
+                return f"`{name}` must be a channel: its #mention or id (ASCII digits, not zero, at most 64 bits)."
             if self.high is not None and len(value) > self.high:
                 return f"`{name}` is too long: {len(value)} characters, at most {self.high:g}."
             if self.low is not None and len(value) < self.low:
                 return f"`{name}` is too short: at least {self.low:g} characters."
+            # Text that must not be empty must show something; no text may hide control characters.
+            problem = text_problem(value, f"`{name}`", visible=bool(self.low))
+            if problem is not None:
+                return problem + "."
         elif self.kind in ("integer", "number"):
             is_number = isinstance(value, int | float) and not isinstance(value, bool)
-            if not is_number or (self.kind == "integer" and not isinstance(value, int)) or not math.isfinite(value):
+            if (not is_number or (self.kind == "integer" and not isinstance(value, int))
+                    or (isinstance(value, float) and not math.isfinite(value))):  # isfinite(huge int) overflows
                 return f"`{name}` must be {'a whole number' if self.kind == 'integer' else 'a number'}."
             shown = float if self.kind == "number" else int
-            if self.low is not None and value < self.low:
-                return f"`{name}` must be at least {shown(self.low)}."
-            if self.high is not None and value > self.high:
-                return f"`{name}` must be at most {shown(self.high)}."
+            low = self.low if self.low is not None else (-MAX_INTEGER if self.kind == "integer" else None)
+            high = self.high if self.high is not None else (MAX_INTEGER if self.kind == "integer" else None)
+            if low is not None and value < low:
+                return f"`{name}` must be at least {shown(low)}."
+            if high is not None and value > high:
+                return f"`{name}` must be at most {shown(high)}."
         elif self.kind == "boolean" and not isinstance(value, bool):
             return f"`{name}` must be true or false."
         if self.choices and value not in self.choices:
@@ -90,14 +101,14 @@ class Option:
         """A typed value from text (the console); raises ValueError with the member's message."""
         text = text.strip()
         if self.kind == "integer":
-            if not re.fullmatch(r"[+-]?[0-9]{1,20}", text.lstrip("#")):
-                raise ValueError(f"`{self.name}` must be a whole number.")
+            # Any length of ASCII digits: `problem` then says which range a huge one is out of.
+            if not re.fullmatch(r"[+-]?[0-9]{1,1000}", text.lstrip("#")):
+                raise ValueError(f"`{self.name}` must be a whole number (ASCII digits 0-9).")
             return int(text.lstrip("#"))
         if self.kind == "number":
-            try:
-                return float(text)
-            except ValueError:
-                raise ValueError(f"`{self.name}` must be a number.") from None
+            if not re.fullmatch(r"[+-]?([0-9]{1,1000}(\.[0-9]*)?|\.[0-9]{1,1000})([eE][+-]?[0-9]{1,4})?", text):
+                raise ValueError(f"`{self.name}` must be a number (ASCII digits 0-9, such as 0.7).")
+            return float(text)
         if self.kind == "boolean":
             lowered = text.lower()
             if lowered in ("true", "yes", "on", "1"):
@@ -107,8 +118,9 @@ class Option:
             raise ValueError(f"`{self.name}` must be true or false.")
         if self.kind == "channel":
             match = re.fullmatch(r"<#([0-9]+)>|#?([0-9]+)", text)
-            if match is None:
-                raise ValueError(f"`{self.name}` must be a channel id or #mention.")
+            if match is None or not is_snowflake(match[1] or match[2]):
+                raise ValueError(f"`{self.name}` must be a channel: its #mention or id "
+                                 "(ASCII digits, not zero, at most 64 bits).")
             return match[1] or match[2]
         return text
 
@@ -197,7 +209,7 @@ class Component:
                 pattern += re.escape(part)
             else:
                 choices = self.words.get(part)
-                value = "|".join(map(re.escape, choices)) if choices else "[0-9]{1,20}"
+                value = "|".join(map(re.escape, choices)) if choices else "[0-9]{1,16}"
                 pattern += f"(?P<{part}>{value})"
         object.__setattr__(self, "_pattern", re.compile(f"{CUSTOM_ID_PREFIX}:{re.escape(self.name)}:{pattern}"))
 
@@ -209,7 +221,13 @@ class Component:
 
     def match(self, custom_id: str) -> dict[str, str] | None:
         found = self._pattern.fullmatch(custom_id)  # type: ignore[attr-defined]
-        return found.groupdict() if found else None
+        if found is None:
+            return None
+        values = found.groupdict()
+        # A number field is an id: 1 to MAX_ID (a press can't name a job SQLite can't hold).
+        if any(name not in self.words and not 0 < int(value) <= MAX_ID for name, value in values.items()):
+            return None
+        return values
 
 
 @dataclass(frozen=True)
@@ -294,7 +312,13 @@ async def run_menu(menu: MessageCommand, inv: Invocation, responder: Responder, 
 
 async def run_component(component: Component, values: Mapping[str, str], inv: Invocation, responder: Responder,
                         services: Services, fields: Mapping[str, str] | None = None) -> Any:
-    return await component.handler(inv, responder, services, **values, **(fields or {}))
+    arguments = {**values, **(fields or {})}
+    try:  # a button pressed with a form's id, or a form sent with fields its handler doesn't take
+        inspect.signature(component.handler).bind(inv, responder, services, **arguments)
+    except TypeError:
+        await responder.error("This button or form does not fit its action (it may have changed); try again.")
+        return None
+    return await component.handler(inv, responder, services, **arguments)
 
 
 async def complete(command: Command, option_name: str, inv: Invocation, services: Services,

@@ -38,6 +38,7 @@ from bot.core.conversation import (
 from bot.core.invocation import USER_ERRORS, Button, Invocation, Responder, Status
 from bot.core.moderation import refusal
 from bot.core.safety import Verdict
+from generators.base import text_problem
 from storage.conversations import ConversationError, NewTurn
 from storage.jobs import JobLimits, JobNotFound, JobRecord, LimitReached, NewJob, format_duration
 from storage.personas import PersonaError
@@ -93,6 +94,11 @@ async def admit(inv: Invocation, responder: Responder, services: Services, comma
                 prompt: str) -> JobLimits | None:
     """The member's limits if a job may be queued; None after telling them why not."""
     moderation = services.moderation
+    # Whatever brought it (an option, a form, a reply, a Regenerate), a prompt must be text that shows.
+    message = text_problem(prompt)
+    if message is not None:
+        await responder.error(message[:1].upper() + message[1:] + ".")
+        return None
     message = await moderation.command_allowed(inv, command)
     allowed = await limits(services, inv, kind)
     if message is None:

@@ -52,6 +52,15 @@ class Button:
 
 
 @dataclass(frozen=True)
+class FileOut:
+    """A file to show with a message (an attachment in Discord, a saved file on the console)."""
+
+    filename: str
+    data: bytes
+    mime: str
+
+
+@dataclass(frozen=True)
 class Field:
     """One text field of a form."""
 
@@ -115,8 +124,8 @@ class Responder(Protocol):
     async def error(self, message: str) -> None:
         """A human-readable problem (ephemeral in Discord)."""
 
-    async def info(self, message: str, buttons: Sequence[Button] = ()) -> None:
-        """A plain reply (ephemeral in Discord), e.g. help or a listing."""
+    async def info(self, message: str, buttons: Sequence[Button] = (), files: Sequence[FileOut] = ()) -> None:
+        """A plain reply (ephemeral in Discord), e.g. help or a listing, with files if any."""
 
     async def form(self, form: Form) -> None:
         """Ask for a form's fields; its submission comes back as the form's handler."""

@@ -60,6 +60,7 @@ from bot.discord.registration import register
 from bot.discord.render import DEFAULT_ATTACHMENT_LIMIT, MESSAGE_LIMIT
 from bot.discord.tree import build_tree
 from bot.settings import Settings
+from storage.ids import is_snowflake
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +112,7 @@ def parse_interaction(payload: Any, now: float | None = None) -> Incoming:
     if itype not in (APPLICATION_COMMAND, MESSAGE_COMPONENT, AUTOCOMPLETE, MODAL_SUBMIT):
         raise BadRequest(f"unknown interaction type {itype}")
     ident, token, app_id = (_text(payload, name) for name in ("id", "token", "application_id"))
-    if not ident.isdigit() or len(ident) > 20 or not app_id.isdigit() or len(app_id) > 20:
+    if not is_snowflake(ident) or not is_snowflake(app_id):
         raise BadRequest("id is not a snowflake")
     data = payload.get("data")
     if not isinstance(data, dict):
@@ -120,19 +121,24 @@ def parse_interaction(payload: Any, now: float | None = None) -> Incoming:
     if member is not None and not isinstance(member, dict):
         raise BadRequest("member is not an object")
     user = (member or {}).get("user") or payload.get("user")
-    if not isinstance(user, dict) or not isinstance(user.get("id"), str):
+    if not isinstance(user, dict) or not isinstance(user.get("id"), str) or not is_snowflake(user["id"]):
         raise BadRequest("missing user")
     roles = (member or {}).get("roles") or []
     try:
         permissions = int((member or {}).get("permissions") or 0)
         limit = int(payload.get("attachment_size_limit") or DEFAULT_ATTACHMENT_LIMIT)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise BadRequest("permissions or attachment_size_limit is not a number") from None
     if not isinstance(roles, list):
         raise BadRequest("member.roles is not a list")
     channel = payload.get("channel") if isinstance(payload.get("channel"), dict) else {}
     channel_id = payload.get("channel_id") or channel.get("id")
     guild_id = payload.get("guild_id")
+    for name, value in (("guild_id", guild_id), ("channel_id", channel_id)):
+        if value and not (isinstance(value, str) and is_snowflake(value)):
+            raise BadRequest(f"{name} is not a snowflake")
+    if not all(isinstance(r, str) and is_snowflake(r) for r in roles):
+        raise BadRequest("member.roles holds something other than role ids")
     now = time.time() if now is None else now
     created = ((int(ident) >> 22) + DISCORD_EPOCH_MS) / 1000
     return Incoming(type=itype, id=ident, token=token, application_id=app_id, user_id=user["id"],
@@ -168,7 +174,12 @@ def command_options(data: Mapping[str, Any]) -> tuple[list[str], dict[str, Any],
             raise BadRequest("malformed option")
         value = option["value"]
         # A "number" option may arrive as a JSON integer; a handler expects a float.
-        values[option["name"]] = float(value) if option.get("type") == 10 and type(value) is int else value
+        if option.get("type") == 10 and type(value) is int:
+            try:
+                value = float(value)
+            except OverflowError:
+                raise BadRequest(f"option {option['name']} is out of range") from None
+        values[option["name"]] = value
         if option.get("focused"):
             focused = option["name"]
     return path, values, focused
@@ -177,8 +188,12 @@ def command_options(data: Mapping[str, Any]) -> tuple[list[str], dict[str, Any],
 def form_fields(data: Mapping[str, Any]) -> dict[str, str]:
     """The text inputs of a submitted form, by custom id."""
     fields: dict[str, str] = {}
-    for row in data.get("components") or []:
-        for component in (row.get("components") or []) if isinstance(row, dict) else []:
+    rows = data.get("components") or []
+    if not isinstance(rows, list) or not all(isinstance(row, dict) and isinstance(row.get("components") or [], list)
+                                             for row in rows):
+        raise BadRequest("malformed form components")
+    for row in rows:
+        for component in row.get("components") or []:
             if isinstance(component, dict) and isinstance(component.get("custom_id"), str):
                 fields[component["custom_id"]] = str(component.get("value") or "")
     return fields

@@ -9,19 +9,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from bot.core.invocation import FileOut
 from storage.jobs import JobRecord
 
 MESSAGE_LIMIT = 2000
 #: Longer answers than this many messages' worth go out as a text file with a preview.
 MAX_CHUNKS = 3
 DEFAULT_ATTACHMENT_LIMIT = 10 * 1024 * 1024  # Discord's limit for unboosted servers
-
-
-@dataclass
-class FileOut:
-    filename: str
-    data: bytes
-    mime: str
 
 
 @dataclass
