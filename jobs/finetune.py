@@ -359,6 +359,11 @@ class NightlyTrainer(LiveScheduler):
             raise GeneratorError(f"modality must be one of {', '.join(MODALITIES)}")
         if await self.db.run(self.store.training_active, guild, modality):
             raise TrainingBusy(f"a {modality} training run for this server is already queued or running")
+        # Refused before any job is written: a run with too little data could only fail.
+        approved = len((await self.db.run(self.store.snapshot, guild, modality)).items)
+        if approved < self.min_items.get(modality, 1):
+            raise GeneratorError(f"only {approved} approved {modality} item(s) in this server; "
+                                 f"training needs at least {self.min_items[modality]}")
         params: dict[str, Any] = {"guild": guild, "modality": modality}
         seconds = max_seconds or self.max_seconds
         if seconds:

@@ -55,6 +55,7 @@ from jobs.schedule_spec import (
     template_variables,
 )
 from storage.database import AsyncDatabase
+from storage.ids import is_snowflake
 from storage.jobs import JobRecord, NewJob, QuotaExceeded
 from storage.schedules import KINDS, NewSchedule, Schedule, ScheduleNotFound, SqliteScheduleStore
 
@@ -145,8 +146,8 @@ def no_quote(guild: str | None) -> str | None:
 
 
 def numeric_channel(guild: str | None, channel: str) -> bool:
-    """Without a front end that knows the channels, any numeric (Discord-style) id will do."""
-    return channel.isdigit()
+    """Without a front end that knows the channels, any Discord id will do."""
+    return is_snowflake(channel)
 
 
 def plain_names(guild: str | None, channel: str) -> tuple[str, str]:
@@ -160,7 +161,7 @@ def utc(guild: str | None) -> str:
 def normalize_channel(text: str) -> str:
     """Accept a channel id, a mention ``<#123>`` or ``#123``; return the id text."""
     text = text.strip()
-    match = re.fullmatch(r"<#(\d+)>|#?(\d+)", text)
+    match = re.fullmatch(r"<#([0-9]+)>|#?([0-9]+)", text)
     return (match[1] or match[2]) if match else text
 
 

@@ -31,6 +31,7 @@ from typing import Any
 import sqlite_utils
 
 from storage.database import immediate
+from storage.privacy import suppressed_id
 
 KINDS = ("text", "image")
 STATUSES = ("pending", "approved", "rejected")
@@ -201,14 +202,16 @@ class CommunityStore:
         return bool(cursor.rowcount)
 
     def opt_in(self, guild: str, user: str) -> bool:
-        """Undo an opt-out; False if the member had not opted out."""
+        """Undo an opt-out (also one kept after the member was forgotten); False if the member
+        had not opted out."""
         with immediate(self.db):
-            cursor = self.db.execute("DELETE FROM community_optout WHERE guild=? AND user=?", [guild, user])
+            cursor = self.db.execute("DELETE FROM community_optout WHERE guild=? AND user IN (?, ?)",
+                                     [guild, user, suppressed_id(self.db, user, create=False)])
         return bool(cursor.rowcount)
 
     def opted_out(self, guild: str, user: str) -> bool:
-        return self.db.execute("SELECT 1 FROM community_optout WHERE guild=? AND user=?",
-                               [guild, user]).fetchone() is not None
+        return self.db.execute("SELECT 1 FROM community_optout WHERE guild=? AND user IN (?, ?)",
+                               [guild, user, suppressed_id(self.db, user, create=False)]).fetchone() is not None
 
     def forget(self, guild: str, user: str) -> int:
         """Delete every item of a member in a server, rows and files; returns how many items."""

@@ -38,6 +38,9 @@ def open_database(path: Path | str) -> sqlite_utils.Database:
         conn = sqlite3.connect(str(path), timeout=30, check_same_thread=False)
         db = sqlite_utils.Database(conn)
         db.execute("PRAGMA foreign_keys=ON")
+        # Deleted rows are overwritten with zeros, not left in free pages: a forgotten member's
+        # words must be gone from the file, not just unreachable (see storage.privacy).
+        db.execute("PRAGMA secure_delete=ON")
         if str(path) != ":memory:":
             db.enable_wal()
         MIGRATIONS.apply(db)

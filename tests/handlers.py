@@ -9,7 +9,7 @@ from typing import Any
 
 from bot.commands import CATALOGUE
 from bot.core.catalogue import run_command
-from bot.core.invocation import Button, Form, Invocation, Status
+from bot.core.invocation import Button, FileOut, Form, Invocation, Status
 from bot.core.services import Services
 from bot.settings import load_settings
 from storage.jobs import JobRecord
@@ -43,6 +43,7 @@ class Recorder:
     results: list[JobRecord] = field(default_factory=list)
     buttons: list[tuple[Button, ...]] = field(default_factory=list)
     forms: list[Form] = field(default_factory=list)
+    files: list[list[FileOut]] = field(default_factory=list)
 
     async def accepted(self, record: JobRecord) -> None: ...
 
@@ -59,9 +60,11 @@ class Recorder:
     async def error(self, message: str) -> None:
         self.errors.append(message)
 
-    async def info(self, message: str, buttons: Sequence[Button] = ()) -> None:
+    async def info(self, message: str, buttons: Sequence[Button] = (), files: Sequence[FileOut] = ()) -> None:
         self.infos.append(message)
         self.buttons.append(tuple(buttons))
+        if files:
+            self.files.append(list(files))
 
     async def form(self, form: Form) -> None:
         self.forms.append(form)

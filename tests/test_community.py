@@ -21,10 +21,14 @@ from bot.commands import community as handlers
 from bot.core.capture import Attachment, CaptureBuffer, IncomingMessage, curate_message
 from bot.core.catalogue import run_command, run_component, run_menu
 from bot.core.curation import (
+    CARD,
     CREDENTIALS,
     EMAIL,
+    IBAN,
+    IP,
     PHONE,
     SECRET,
+    USER,
     CurationConfig,
     content_hash,
     curate,
@@ -32,12 +36,14 @@ from bot.core.curation import (
     scrub,
     unique,
 )
+from bot.core.curation import CHANNEL as CHANNEL_MENTION
 from bot.core.invocation import Button, Form, Invocation, Status
 from bot.settings import Settings, load_settings
 from jobs.finetune import TRAINING_PRIORITY, NightlyTrainer, TrainingBusy
 from storage.community import CommunityError, CommunityStore, NewFile, NewItem
 from storage.database import AsyncDatabase, open_database
 from storage.jobs import JobRecord, NewJob, SqliteJobStore
+from storage.privacy import PrivacyStore
 
 GUILD = "1000"
 CHANNEL = "2000"
@@ -248,6 +254,9 @@ def test_abandoned_candidates_are_rejected_with_a_reason(store: CommunityStore) 
     ("see https://x.example/a?token=abc123&page=2", f"see https://x.example/a?token={SECRET}&page=2"),
     ("password: correct-horse", f"password: {SECRET}"),
     ("AKIAABCDEFGHIJKLMNOP is an aws key", f"{SECRET} is an aws key"),
+    ("ping <@123456789012345678> in <#234567890123456789>", f"ping {USER} in {CHANNEL_MENTION}"),
+    ("server 192.168.1.20 is down", f"server {IP} is down"),  # an IP address, not a phone number
+    ("card 4111 1111 1111 1111, iban NL91ABNA0417164300", f"card {CARD}, iban {IBAN}"),
 ])
 def test_scrub_replaces_personal_data_and_secrets(text: str, expected: str) -> None:
     assert scrub(text) == (expected, True)
@@ -256,8 +265,9 @@ def test_scrub_replaces_personal_data_and_secrets(text: str, expected: str) -> N
 @pytest.mark.parametrize("text", [
     "the meeting is on 2025-03-01 at 10:30",
     "we had 12345 players and a score of 3-2",
-    "ping <@123456789012345678> in <#234567890123456789>",  # Discord ids are not phone numbers
+    "react with <:pepe:123456789012345678> at <t:1712345678:R>",  # Discord ids are not phone numbers
     "version 1.2.3 costs 19.99",
+    "version 1.2.3.4 is out, 4111 1111 1111 1112 is no card",
 ])
 def test_scrub_leaves_ordinary_text_alone(text: str) -> None:
     assert scrub(text) == (text, False)
@@ -408,6 +418,9 @@ class FakeQueue:
         self.submitted.append(job)
         return await self.adb.run(self.jobs.create_job, job, None)
 
+    async def active_jobs(self, requester: str) -> list[JobRecord]:
+        return []
+
 
 @dataclass
 class Services:
@@ -420,6 +433,8 @@ class Services:
     trainer: NightlyTrainer
     queue: Any
     changes: list[tuple[str, str, int | None]]
+    privacy: PrivacyStore
+    capture: CaptureBuffer
 
 
 @pytest_asyncio.fixture
@@ -432,7 +447,8 @@ async def services(db_path: Path, tmp_path: Path, adb: AsyncDatabase) -> AsyncIt
     trainer = NightlyTrainer(community, queue, db=adb, clock=clock, min_items={"text": 1},
                              on_serving_changed=lambda g, m, v: changes.append((g, m, v.id if v else None)))
     settings = load_settings(_env_file=None, data_dir=tmp_path / "data")
-    yield Services(settings, adb, community, trainer, queue, changes)
+    yield Services(settings, adb, community, trainer, queue, changes, PrivacyStore(db, tmp_path),
+                   CaptureBuffer(community, adb))
     await trainer.stop()
     await adb.run(db.close)
 
@@ -492,8 +508,8 @@ async def test_moderators_curate_and_members_manage_their_own_data(services: Ser
     await handlers.approve_message(MODERATOR, mod, services, "m2")
     assert len((await services.adb.run(services.community.snapshot, GUILD, "text")).items) == 2
 
-    assert await handlers.privacy_forget(MEMBER, member, services) == 2
-    assert "Deleted 2 item(s)" in member.infos[-1]
+    assert (await handlers.privacy_forget(MEMBER, member, services)).items == 2
+    assert member.infos[-1].startswith("Forgotten, in every server: 2 captured messages.")
     await handlers.privacy_optout(MEMBER, member, services)
     stored = await services.adb.run(services.community.capture, [_item("m3", "after opting out")])
     assert stored.opted_out == 1
@@ -501,13 +517,21 @@ async def test_moderators_curate_and_members_manage_their_own_data(services: Ser
     assert not member.errors and not mod.errors
 
     dm = Invocation(user_id="u1", source="test")
-    await _run("privacy forget", dm, member, services)
+    await _run("privacy optout", dm, member, services)  # an opt-out is per server
     assert "only works in a server" in member.errors[-1]
+    await _run("privacy forget", dm, member, services)  # forgetting is everywhere: from a DM too
+    assert member.infos[-1] == "Nothing of yours was stored."
 
 
 @pytest.mark.asyncio
 async def test_retrain_is_refused_while_a_run_for_the_server_is_pending(services: Services) -> None:
     responder = Responder()
+    await handlers.retrain(MODERATOR, responder, services, "text")
+    assert responder.errors[-1] == "only 0 approved text item(s) in this server; training needs at least 1"
+    assert services.queue.submitted == []  # refused before any job was written
+    await services.adb.run(services.community.add_channel, GUILD, CHANNEL, "mod")
+    await services.adb.run(services.community.capture, [_item("m1", "something worth learning")])
+    await services.adb.run(services.community.approve_message, GUILD, "m1", "mod")
     record = await services.trainer.submit(GUILD, "text", requester="mod", source="test")
     assert record.kind == "training" and record.priority == TRAINING_PRIORITY < 0
     assert record.params == {"guild": GUILD, "modality": "text"}
@@ -516,6 +540,7 @@ async def test_retrain_is_refused_while_a_run_for_the_server_is_pending(services
     with pytest.raises(TrainingBusy):
         await services.trainer.submit(GUILD, "text", requester="mod", source="test")
     # Another modality, or another server, is not blocked.
+    services.trainer.min_items["image"] = 0
     assert (await services.trainer.submit(GUILD, "image", requester="mod", source="test")).params["modality"] == "image"
     assert len(services.queue.submitted) == 2
 

@@ -117,8 +117,8 @@ async def test_privacy_forget_deletes_my_items_and_says_how_many(fake_discord: F
         await captured(services, 3)
         forgot = await command(fake, "privacy forget")
         again = await command(fake, "privacy forget")
-    assert forgot.startswith("Deleted 2 item(s) of yours")
-    assert again == "Nothing of yours was stored here."
+    assert forgot.startswith("Forgotten, in every server: 2 captured messages.")
+    assert again == "Nothing of yours was stored."
     assert await items(services, fake.guild_id, fake.member["user"]["id"]) == []
     assert [i.author for i in await items(services, fake.guild_id)] == [fake.moderator["user"]["id"]]
 
@@ -152,7 +152,14 @@ async def test_retrain_queues_a_training_job_and_refuses_a_second(fake_discord: 
     training.gate.clear()  # the run stays "running" until released
     bot, services = await make_bot({"text": RecordingGenerator(), "training": training},
                                    discord_message_content=True)
+    services.trainer.min_items["text"] = 1
     async with running_client(bot, fake):
+        nothing = await command(fake, "retrain", {}, user=fake.moderator)  # nothing approved: refused, no job
+        assert nothing == "only 0 approved text item(s) in this server; training needs at least 1"
+        assert services.store.list_jobs() == []
+        await command(fake, "community channel add", {}, user=fake.moderator)
+        _message, item = await pending_item(fake, services, "Something worth learning from")
+        await services.adb.run(services.community.decide, fake.guild_id, item.id, True, fake.moderator["user"]["id"])
         first = await fake.dispatch_interaction(fake.slash_command("retrain", {}, user=fake.moderator))
         [job] = await fake.wait_until(lambda: services.store.list_jobs())
         assert (job.kind, job.params["guild"], job.params["modality"]) == ("training", fake.guild_id, "text")

@@ -256,6 +256,9 @@ async def test_moderator_commands_work_for_moderators_and_refuse_members(open_bo
         assert [(i.id, i.status) for i in items] == [(1, "approved"), (2, "rejected"), (3, "approved")]
 
         jobs_before = len(bot.services.store.list_jobs())
+        await moderated("retrain", {}, said("only 2 approved text item(s) in this server; training needs at least 20"))
+        assert len(bot.services.store.list_jobs()) == jobs_before  # refused before any job was written
+        bot.services.trainer.min_items["text"] = 2
         await moderated("retrain", {}, said("fine-tune the text model:1"))
         [run] = [j for j in bot.services.store.list_jobs() if j.kind == "training"]
         assert len(bot.services.store.list_jobs()) == jobs_before + 1 and run.params["guild"] == fake.guild_id
@@ -295,10 +298,10 @@ async def test_privacy_optout_optin_and_forget(open_bot: Any) -> None:
         assert not await services.adb.run(services.community.opted_out, guild, member)
         same(await bot.run("privacy optin"), said("You had not opted out."))
         same(await bot.run("privacy forget"), said(
-            "Deleted 1 item(s) of yours (texts and images). No future training run uses them; to stop capture "
-            "from now on, use /privacy optout."))
+            "Forgotten, in every server: 1 captured message.\n"
+            "Opt-outs you had set stay in place (/privacy optin undoes one)."))
         assert await mine() == []
-        same(await bot.run("privacy forget"), said("Nothing of yours was stored here."))
+        same(await bot.run("privacy forget"), said("Nothing of yours was stored."))
 
 
 # --- 6. autocomplete --------------------------------------------------------------------------------

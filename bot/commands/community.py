@@ -8,19 +8,27 @@ gateway) a moderator's ✅ reaction on a captured message.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import json
 import re
 import time
 from typing import TYPE_CHECKING, Any
 
 from bot.core.catalogue import MAX_ID, Command, Component, Group, MessageCommand, Option
 from bot.core.flow import follow
-from bot.core.invocation import USER_ERRORS, Invocation, Responder, clip
+from bot.core.invocation import USER_ERRORS, FileOut, Invocation, Responder, clip
 from storage.community import CommunityError, Item, Version
+from storage.ids import is_snowflake
+from storage.jobs import JobNotFound
+from storage.privacy import ForgetReport
 
 if TYPE_CHECKING:
     from bot.core.services import Services
 
 REVIEW_LIMIT = 10  # two buttons an item: 20 of a message's 25
+FORGET_WAIT_S = 30.0  # how long a forget waits for the member's cancelled jobs to stop
+EXPORT_LIMIT = 8 * 2**20
 INTENT_WARNING = ("⚠️ The Message Content intent is off (DISCORD_MESSAGE_CONTENT), so Discord sends the bot "
                   "empty message texts: nothing but captionless images can be captured until it is enabled.")
 
@@ -28,8 +36,9 @@ INTENT_WARNING = ("⚠️ The Message Content intent is off (DISCORD_MESSAGE_CON
 def _channel_id(text: str | None, default: str | None) -> str | None:
     if not text:
         return default
-    match = re.fullmatch(r"<#(\d+)>|#?(\d+)", text.strip())
-    return (match[1] or match[2]) if match else None
+    match = re.fullmatch(r"<#([0-9]+)>|#?([0-9]+)", text.strip())
+    channel = (match[1] or match[2]) if match else None
+    return channel if is_snowflake(channel) else None
 
 
 # --- /community channel ----------------------------------------------------------------------
@@ -86,15 +95,80 @@ async def privacy_optin(inv: Invocation, responder: Responder, services: Service
                          else "You had not opted out.")
 
 
-async def privacy_forget(inv: Invocation, responder: Responder, services: Services) -> int:
-    """Delete every item captured from me in this server; returns how many."""
-    count = await services.adb.run(services.community.forget, inv.guild_id, inv.user_id)
-    if count == 0:
-        await responder.info("Nothing of yours was stored here.")
-    else:
-        await responder.info(f"Deleted {count} item(s) of yours (texts and images). No future training run uses "
-                             "them; to stop capture from now on, use /privacy optout.")
-    return count
+async def privacy_forget(inv: Invocation, responder: Responder, services: Services) -> ForgetReport:
+    """Delete everything the bot keeps about me, in every server (see `storage.privacy`)."""
+    # A job of mine still running would write its result back after the forget: stop it first.
+    for record in await services.queue.active_jobs(inv.user_id):
+        with contextlib.suppress(JobNotFound):
+            await services.queue.cancel(record.id, inv.user_id)
+        with contextlib.suppress(TimeoutError, JobNotFound):
+            await asyncio.wait_for(services.queue.wait(record.id), FORGET_WAIT_S)
+    services.capture.drop_author(inv.user_id)
+    report = await services.adb.run(services.privacy.forget, inv.user_id)
+    serving_now = []
+    for guild, modality, version in report.withdrawn:
+        current = await services.adb.run(services.community.current, guild, modality)
+        if modality == "text":
+            services.adapters.set(guild, current.path if current else None)  # at once, no restart
+        now = f"version v{current.id}" if current else f"the base {modality} model"
+        serving_now.append(f"v{version} ({modality}) in server {guild}, which now serves {now}")
+    await responder.info(forget_text(report, serving_now))
+    return report
+
+
+def forget_text(report: ForgetReport, serving_now: list[str]) -> str:
+    """The answer to /privacy forget: what went, what stopped serving, what will be retrained."""
+    if not report.anything:
+        return "Nothing of yours was stored."
+    parts = [f"{_count(report.jobs, 'job')} (prompts and answers)"] if report.jobs else []
+    parts += [_count(number, noun) for number, noun in (
+        (report.turns, "conversation turn"), (report.safety_events, "safety-log entry"),
+        (report.items, "captured message"), (report.files, "file")) if number]
+    lines = ["Forgotten, in every server: " + (", ".join(parts) or "your name on what you did as a moderator") + "."]
+    if report.usage_rows:
+        lines.append("Your usage counts are kept without your id (they feed the servers' totals).")
+    if serving_now:
+        lines.append("Fine-tuned versions trained on your messages no longer serve: " + "; ".join(serving_now) + ".")
+    if report.retrain:
+        guilds = sorted({guild for guild, _ in report.retrain})
+        lines.append("The next nightly run retrains without your messages in server(s) " + ", ".join(guilds) + ".")
+    lines.append("Opt-outs you had set stay in place (/privacy optin undoes one).")
+    return "\n".join(lines)
+
+
+def _count(number: int, noun: str) -> str:
+    return f"{number} {noun}" if number == 1 else f"{number} {noun[:-1] + 'ies' if noun.endswith('y') else noun + 's'}"
+
+
+async def privacy_export(inv: Invocation, responder: Responder, services: Services) -> None:
+    """Everything the bot keeps about me, as a JSON file only I see."""
+    data = await services.adb.run(services.privacy.export, inv.user_id)
+    body = json.dumps(data, indent=2, ensure_ascii=False).encode()
+    note = ""
+    if len(body) > EXPORT_LIMIT:  # Discord's smallest attachment limit: drop the bulkiest parts
+        for job in data["jobs"]:
+            job["result"] = job["params"] = None
+        body = json.dumps(data, indent=2, ensure_ascii=False).encode()
+        note = " (job results and parameters left out: the whole file would exceed Discord's 8 MB)"
+    counts = ", ".join(f"{len(data[k])} {label}" for k, label in (
+        ("jobs", "job(s)"), ("conversation_turns", "conversation turn(s)"), ("community_items", "captured item(s)"),
+        ("safety_log", "safety-log entry/entries")))
+    await responder.info(f"Everything the bot stores about you: {counts}{note}.",
+                         files=[FileOut("aigc-bot-my-data.json", body[:EXPORT_LIMIT], "application/json")])
+
+
+async def privacy_policy(inv: Invocation, responder: Responder, services: Services) -> None:
+    days = services.settings.retention_days
+    kept = f"{days} days, then deleted each night" if days else "until you ask the bot to forget them"
+    await responder.info("\n".join([
+        "What this bot keeps about you, and for how long:",
+        f"- your commands' prompts and answers, generated files, conversation turns and safety-log excerpts: {kept};",
+        "- messages in channels a server opted in to learning from, only once moderators approve them for "
+        "training: until you use /privacy forget (or a moderator rejects them); /privacy optout stops capture "
+        "in a server;",
+        "- how many jobs of each kind you ran per day, for /usage and the server's quotas.",
+        "/privacy export sends you all of it as a file. /privacy forget deletes it in every server: fine-tuned "
+        "models trained on your messages stop serving at once and are retrained without them."]))
 
 
 # --- /curate ---------------------------------------------------------------------------------
@@ -209,7 +283,7 @@ KIND = Option("kind", "Which model (default: text)", choices=("text", "image"))
 GROUPS = (
     Group("community", "Channels the bot learns from (moderators)", moderators=True, guild_only=True),
     Group("community channel", "Opt channels in or out of capture"),
-    Group("privacy", "Your messages and the bot's training", guild_only=True),
+    Group("privacy", "What the bot keeps about you: see it, take it, delete it"),
     Group("curate", "Approve what the bot learns from (moderators)", moderators=True, guild_only=True),
     Group("model", "This server's fine-tuned models (moderators)", moderators=True, guild_only=True),
 )
@@ -223,7 +297,9 @@ COMMANDS = (
     Command("privacy optout", "Never capture my messages in this server", privacy_optout, guild_only=True),
     Command("privacy optin", "Allow my messages in opted-in channels to be captured again", privacy_optin,
             guild_only=True),
-    Command("privacy forget", "Delete everything captured from me in this server", privacy_forget, guild_only=True),
+    Command("privacy forget", "Delete everything the bot keeps about me, in every server", privacy_forget),
+    Command("privacy export", "Send me everything the bot keeps about me, as a file", privacy_export),
+    Command("privacy policy", "What the bot keeps about me, and for how long", privacy_policy),
     Command("curate review", "Items waiting for approval, with Approve / Reject buttons", curate_review, (
         Option("kind", "Only texts or only images", choices=("text", "image")),), **_MOD),
     Command("retrain", "Fine-tune this server's model now (moderators)", retrain, (KIND,), **_MOD),

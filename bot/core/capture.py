@@ -130,6 +130,12 @@ class CaptureBuffer:
         if len(self._pending) == before:
             await self.db.run(self.store.delete_message, message_id)
 
+    def drop_author(self, author: str) -> int:
+        """Drop a member's messages that are still buffered (they asked to be forgotten)."""
+        before = len(self._pending)
+        self._pending = [item for item in self._pending if item.author != author]
+        return before - len(self._pending)
+
     async def flush(self) -> CaptureResult:
         """Write what is buffered now, as one batch (one transaction)."""
         async with self._flush_lock:

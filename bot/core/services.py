@@ -32,6 +32,7 @@ from bot.settings import Settings, finetune_settings, global_defaults, poster_op
 from generators.base import Generator, GeneratorError
 from generators.queue import GenerationQueue
 from generators.registry import Factory, ModelRegistry
+from jobs.retention import Retention
 from jobs.scheduled_posts import LogModLog, ModLog, PosterModLog, PostTarget, ScheduledPoster, numeric_channel
 from storage.app_state import StateStore
 from storage.community import CommunityStore
@@ -40,6 +41,7 @@ from storage.database import AsyncDatabase, open_database
 from storage.guild_config import ConfigStore
 from storage.jobs import SqliteJobStore
 from storage.personas import PersonaStore
+from storage.privacy import PrivacyStore
 from storage.safety import SafetyStore
 from storage.schedules import SqliteScheduleStore
 
@@ -178,6 +180,10 @@ class Services:
     def community(self) -> CommunityStore:
         return CommunityStore(self.db, self.settings.community_dir)
 
+    @cached_property
+    def privacy(self) -> PrivacyStore:
+        return PrivacyStore(self.db, self.settings.data_dir)
+
     # --- policy --------------------------------------------------------------------------
     @cached_property
     def modlog(self) -> ModLog:
@@ -265,6 +271,10 @@ class Services:
     def capture(self) -> CaptureBuffer:
         return CaptureBuffer(self.community, self.adb)
 
+    @cached_property
+    def retention(self) -> Retention:
+        return Retention(self.privacy, self.adb, self.settings.retention_days)
+
     # --- lifecycle -----------------------------------------------------------------------
     async def start(self, *, recover: bool = True, load_backlog: bool = True) -> None:
         """Start the queue (with ``recover``: jobs a crash left running are queued again);
@@ -274,9 +284,11 @@ class Services:
             await self.queue.start(recover=recover, load_backlog=load_backlog)
 
     async def start_background(self) -> None:
-        """Community capture, scheduled posts and nightly training, for a front end that posts."""
+        """Community capture, scheduled posts, nightly training and retention, for a front end
+        that posts."""
         self._background_started = True
         await self.capture.start()
+        await self.retention.start()
         await self.schedules.start()
         try:
             await self.trainer.start()
@@ -290,6 +302,7 @@ class Services:
         self._background_started = False
         await self.schedules.stop()  # no scheduled post may outlive the connection
         await self.trainer.stop()
+        await self.retention.stop()
         await self.capture.stop()
 
     async def close(self) -> None:

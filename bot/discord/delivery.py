@@ -33,8 +33,8 @@ import discord
 import yarl
 
 from bot.core.catalogue import CUSTOM_ID_PREFIX, Ack
-from bot.core.invocation import Button, Form, Status, user_error
-from bot.discord.render import FileOut, progress_text, render_result, split_text
+from bot.core.invocation import Button, FileOut, Form, Status, user_error
+from bot.discord.render import progress_text, render_result, split_text
 from bot.discord.throttle import EditThrottle
 from generators.queue import JobEvent
 from storage.jobs import JobRecord
@@ -271,18 +271,20 @@ class DiscordResponder:
             return
         await self._say(message, ())
 
-    async def info(self, message: str, buttons: Sequence[Button] = ()) -> None:
-        """Ephemeral; a long text (a listing) goes out as several messages, buttons on the last."""
+    async def info(self, message: str, buttons: Sequence[Button] = (), files: Sequence[FileOut] = ()) -> None:
+        """Ephemeral; a long text (a listing) goes out as several messages, buttons and files
+        on the last."""
         await self.throttle.close()  # a pending progress edit must not overwrite this answer
         chunks = split_text(message)
         for index, chunk in enumerate(chunks):
-            await self._say(chunk, tuple(buttons) if index == len(chunks) - 1 else ())
+            last = index == len(chunks) - 1
+            await self._say(chunk, tuple(buttons) if last else (), list(files) if last else [])
 
-    async def _say(self, content: str, buttons: tuple[Button, ...]) -> None:
+    async def _say(self, content: str, buttons: tuple[Button, ...], files: list[FileOut] | None = None) -> None:
         """An ephemeral message: the first response if none was given yet, the original if an
         ephemeral deferral is waiting for it, else a follow-up (after deleting a public
         "thinking" message that nothing filled)."""
-        message = Outgoing(content, buttons=buttons, ephemeral=True)
+        message = Outgoing(content, files or [], buttons=buttons, ephemeral=True)
         async with self._lock:
             if not self.transport.acknowledged():
                 await self.transport.respond(message)

@@ -17,6 +17,7 @@ import discord
 
 from bot.discord.render import DEFAULT_ATTACHMENT_LIMIT, split_text
 from jobs.scheduled_posts import ChannelForbidden, ChannelGone
+from storage.ids import is_snowflake
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +58,7 @@ class DiscordPoster:
             raise ChannelForbidden(exc.text) from exc
 
     async def _channel(self, channel_id: str) -> discord.abc.Messageable:
-        if not channel_id.isdigit():
+        if not is_snowflake(channel_id):
             raise ChannelGone(f"{channel_id!r} is not a channel id")
         channel = self.client.get_channel(int(channel_id))
         if channel is None:
@@ -74,7 +75,7 @@ class DiscordPoster:
     async def can_post(self, guild: str | None, channel: str) -> bool:
         """A text channel of that server (any server for ``guild`` None) where the bot may
         send messages, judged from the cache (or, without one, from the channel Discord returns)."""
-        if not channel.isdigit():
+        if not is_snowflake(channel):
             return False
         found = self.client.get_channel(int(channel))
         if found is None:
@@ -99,12 +100,12 @@ class DiscordPoster:
     async def names(self, guild: str | None, channel: str) -> tuple[str, str]:
         """(server name, channel name) for a post's ``{server}`` and ``{channel}``, from the
         cache, or from Discord where it has none (the HTTP endpoint's REST-only client)."""
-        found = self.client.get_channel(int(channel)) if channel.isdigit() else None
-        if found is None and channel.isdigit():
+        found = self.client.get_channel(int(channel)) if is_snowflake(channel) else None
+        if found is None and is_snowflake(channel):
             with contextlib.suppress(discord.HTTPException):
                 found = await self.client.fetch_channel(int(channel))
         server = getattr(getattr(found, "guild", None), "name", None)
-        if not server and guild and guild.isdigit():
+        if not server and guild and is_snowflake(guild):
             server = getattr(self.client.get_guild(int(guild)), "name", None)  # empty: known by id only
             if not server:
                 with contextlib.suppress(discord.HTTPException):

@@ -22,9 +22,10 @@ import discord
 
 from bot.commands.generation import JOB_BUTTONS
 from bot.core import flow
-from bot.core.invocation import Button, Form, Invocation, Status
+from bot.core.invocation import Button, FileOut, Form, Invocation, Status
 from bot.core.services import Services
-from bot.discord.delivery import NO_MENTIONS, files, view
+from bot.discord.delivery import NO_MENTIONS, view
+from bot.discord.delivery import files as discord_files
 from bot.discord.render import DEFAULT_ATTACHMENT_LIMIT, progress_text, render_result
 from bot.discord.throttle import EditThrottle
 from storage.jobs import JobRecord
@@ -76,9 +77,9 @@ class ReplyResponder:
         rendered = render_result(record, self.attachment_limit)
         await self.throttle.wait_turn()
         if self.reply is None:
-            self.reply = await self._send(rendered.content, files=files(rendered.files), view=view(buttons))
+            self.reply = await self._send(rendered.content, files=discord_files(rendered.files), view=view(buttons))
         else:
-            self.reply = await self.reply.edit(content=rendered.content, attachments=files(rendered.files),
+            self.reply = await self.reply.edit(content=rendered.content, attachments=discord_files(rendered.files),
                                                view=view(buttons))
         for chunk in rendered.followups:
             await self.message.channel.send(chunk, allowed_mentions=NO_MENTIONS)
@@ -92,9 +93,9 @@ class ReplyResponder:
         await self.throttle.wait_turn()
         await self.reply.edit(content=message, attachments=[], view=None)
 
-    async def info(self, message: str, buttons: Sequence[Button] = ()) -> None:
+    async def info(self, message: str, buttons: Sequence[Button] = (), files: Sequence[FileOut] = ()) -> None:
         await self.throttle.close()  # a pending progress edit must not overwrite this answer
-        await self._send(message)
+        await self._send(message, files=discord_files(files))
 
     async def form(self, form: Form) -> None:
         raise RuntimeError("a message reply cannot open a form")
@@ -106,7 +107,7 @@ class LogResponder:
     def __init__(self, what: str) -> None:
         self.what = what
 
-    async def info(self, message: str, buttons: Sequence[Button] = ()) -> None:
+    async def info(self, message: str, buttons: Sequence[Button] = (), files: Sequence[FileOut] = ()) -> None:
         log.info("%s: %s", self.what, message)
 
     async def error(self, message: str) -> None:
