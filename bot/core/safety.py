@@ -145,6 +145,19 @@ def normalise(text: str) -> Normalised:
     return Normalised(plain, fold_form(plain))
 
 
+def class_end(pattern: str, start: int) -> int:
+    """Where the character class opening at ``start`` (``[``) ends: the index after its ``]``
+    (a ``]`` right after ``[`` or ``[^`` is a member, and escapes are skipped)."""
+    j, n = start + 1, len(pattern)
+    if j < n and pattern[j] == "^":
+        j += 1
+    if j < n and pattern[j] == "]":
+        j += 1
+    while j < n and pattern[j] != "]":
+        j += 2 if pattern[j] == "\\" else 1
+    return j + 1
+
+
 def expand_runs(pattern: str) -> str:
     """Let each literal letter run of a regex also match longer runs: ``kill`` -> ``k+i+l{2,}``.
 
@@ -159,15 +172,9 @@ def expand_runs(pattern: str) -> str:
             out.append(pattern[i: i + 2])
             i += 2
         elif c == "[":
-            j = i + 1
-            if j < n and pattern[j] == "^":
-                j += 1
-            if j < n and pattern[j] == "]":
-                j += 1
-            while j < n and pattern[j] != "]":
-                j += 2 if pattern[j] == "\\" else 1
-            out.append(pattern[i: j + 1])
-            i = j + 1
+            end = class_end(pattern, i)
+            out.append(pattern[i: end])
+            i = end
         elif c == "(" and pattern.startswith("(?", i):
             kind = pattern[i + 2: i + 4]
             if kind[:1] in (":", "=", "!"):
@@ -555,14 +562,7 @@ def _largest_repeat(pattern: str) -> int:
             last = 1
             continue
         if c == "[":
-            j = i + 1
-            if j < n and pattern[j] == "^":
-                j += 1
-            if j < n and pattern[j] == "]":
-                j += 1
-            while j < n and pattern[j] != "]":
-                j += 2 if pattern[j] == "\\" else 1
-            i, last = j + 1, 1
+            i, last = class_end(pattern, i), 1
             continue
         if c == "(":
             stack.append(0)
