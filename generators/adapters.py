@@ -1,9 +1,7 @@
-"""Serving every server's promoted LoRA adapter from one base text model.
+"""Serving every server's promoted LoRA adapter from one base text model in this process.
 
-- ``GuildAdapters``: which adapter folder each server uses now (its promoted text version).
-  Filled from the store at start and updated on promotion and rollback, so a new version
-  serves from the next request on, without a restart. Front ends ask it for the request
-  params: ``{"adapter": "<folder>"}``, or nothing for the base model.
+Which adapter each server serves is `generators.lora.GuildAdapters`.
+
 - ``AdapterSet``: the adapters loaded into one base model. The first adapter wraps the
   model in a peft ``PeftModel``; others are added as named adapters (``load_adapter``) and
   picked per batch with ``set_adapter``; requests without one run with the adapters
@@ -21,61 +19,15 @@ it (the old folder still exists; version folders are never deleted while promote
 
 from __future__ import annotations
 
-import hashlib
 import threading
 from collections import OrderedDict
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 from generators.base import GeneratorError, Request, Result
+from generators.lora import adapter_name, check_adapter
 from generators.text import TextGenerator
-
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def check_adapter(path: str | Path) -> str:
-    """The adapter folder as an absolute path; GeneratorError if it is not one (cheap)."""
-    folder = Path(path).expanduser()
-    if not (folder / ADAPTER_CONFIG).is_file():
-        raise GeneratorError(f"no LoRA adapter at {folder} (missing {ADAPTER_CONFIG})")
-    return str(folder.resolve())
-
-
-def adapter_name(path: str | Path) -> str:
-    """A peft adapter name for a folder (peft names may not contain dots)."""
-    return "a" + hashlib.sha256(str(Path(path).resolve()).encode()).hexdigest()[:16]
-
-
-class GuildAdapters:
-    """Server → serving adapter folder. Thread-safe: read on the loop, changed by training."""
-
-    def __init__(self, paths: Mapping[str, str] | None = None) -> None:
-        self._lock = threading.Lock()
-        self._paths: dict[str, str] = dict(paths or {})
-
-    def replace_all(self, paths: Mapping[str, str]) -> None:
-        """Set every server's adapter at once (at start, from the store's promoted versions)."""
-        with self._lock:
-            self._paths = dict(paths)
-
-    def set(self, guild: str, path: str | None) -> None:
-        """A server's new serving adapter (None: the base model)."""
-        with self._lock:
-            if path is None:
-                self._paths.pop(guild, None)
-            else:
-                self._paths[guild] = path
-
-    def path_for(self, guild: str | None) -> str | None:
-        with self._lock:
-            return self._paths.get(guild) if guild else None
-
-    def params_for(self, guild: str | None) -> dict[str, Any]:
-        """What to add to a text request's params in this server."""
-        path = self.path_for(guild)
-        return {"adapter": path} if path else {}
 
 
 class AdapterSet:

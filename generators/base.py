@@ -114,6 +114,10 @@ class Generator(ABC):
     kind: str = "text"
     #: How many compatible requests one ``generate`` call may take.
     max_batch_size: int = 1
+    #: How many ``generate`` calls the lane may run at once. 1 for a model in this process
+    #: (its batches take the CPU or GPU in turn); more for a remote server that batches
+    #: requests itself (see `generators.openai_text`).
+    concurrency: int = 1
 
     @abstractmethod
     def load(self) -> None:

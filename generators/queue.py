@@ -156,8 +156,13 @@ class _Lane:
     user_round: dict[str, int] = field(default_factory=dict)
     served_round: int = 0
     running: dict[int, Request] = field(default_factory=dict)
-    busy: bool = False
+    #: Batches being generated (more than one only for a generator with ``concurrency`` > 1).
+    batches: set[asyncio.Task[None]] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.batches)
 
     def add(self, record: JobRecord, seq: int) -> None:
         # A user's next job goes one round after their last waiting one, but never before
@@ -366,8 +371,9 @@ class GenerationQueue:
     # --- the lane worker ------------------------------------------------------------------
     async def _run_lane(self, lane: _Lane) -> None:
         while not self._stopping:
-            if not lane.waiting:
-                self._idle.set()
+            if not lane.waiting or len(lane.batches) >= self._concurrency(lane):
+                if not lane.waiting and not lane.batches:
+                    self._idle.set()
                 lane.wakeup.clear()
                 await lane.wakeup.wait()
                 continue
@@ -376,20 +382,30 @@ class GenerationQueue:
                 if not lane.waiting:  # cancelled meanwhile
                     continue
             batch = self._take_batch(lane)
-            lane.busy = True
-            try:
-                claimed = set(await self._db.run(self.store.claim, [w.record.id for w in batch], self.worker_id))
-                batch = [w for w in batch if w.record.id in claimed]
-                self._publish_positions(lane)
-                if batch:
-                    await self._execute(lane, batch)
-            except Exception:  # the lane must survive anything; jobs are failed, not lost
-                log.exception("lane %s: unexpected error", lane.kind)
-                for item in batch:
-                    await self._fail(item.record.id, "internal error; see the bot's log")
-            finally:
-                lane.busy = False
+            task = asyncio.create_task(self._run_batch(lane, batch))
+            lane.batches.add(task)
+            task.add_done_callback(lambda done: (lane.batches.discard(done), lane.wakeup.set()))
+            if self._concurrency(lane) == 1:
+                await asyncio.wait([task])  # one batch at a time: the next waits for this one
+        await asyncio.gather(*lane.batches, return_exceptions=True)
         self._idle.set()
+
+    def _concurrency(self, lane: _Lane) -> int:
+        """How many batches the next waiting job's generator may have running at once."""
+        model = lane.ordered()[0].record.model if lane.waiting else None
+        return max(1, self.registry.get(lane.kind, model).concurrency)
+
+    async def _run_batch(self, lane: _Lane, batch: list[_Waiting]) -> None:
+        try:
+            claimed = set(await self._db.run(self.store.claim, [w.record.id for w in batch], self.worker_id))
+            batch = [w for w in batch if w.record.id in claimed]
+            self._publish_positions(lane)
+            if batch:
+                await self._execute(lane, batch)
+        except Exception:  # the lane must survive anything; jobs are failed, not lost
+            log.exception("lane %s: unexpected error", lane.kind)
+            for item in batch:
+                await self._fail(item.record.id, "internal error; see the bot's log")
 
     def _batchable(self, lane: _Lane) -> bool:
         """A lone waiting job whose generator could batch it with others."""

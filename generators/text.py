@@ -31,9 +31,9 @@ from transformers import (
 )
 
 from generators import quantization
-from generators.base import Generator, GeneratorError, Request, Result, check_text
+from generators.base import Generator, GeneratorError, Request, Result
 from generators.model_source import ModelSource, resolve_text_model
-from generators.sampling import DEFAULTS, RANGES
+from generators.sampling import DEFAULTS, check_params
 
 log = logging.getLogger(__name__)
 
@@ -80,41 +80,8 @@ class TextGenerator(Generator):
         return self.source
 
     def check(self, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
-        check_text(prompt)
-        if len(prompt) > self.max_prompt_chars:
-            raise GeneratorError(
-                f"the prompt is {len(prompt)} characters; the limit is {self.max_prompt_chars}"
-            )
-        unknown = set(params) - {"max_new_tokens", "seed", "system_prompt", "history", *RANGES}
-        if unknown:
-            raise GeneratorError(f"unknown text option(s): {', '.join(sorted(unknown))}")
-        checked: dict[str, Any] = {}
-        limit = self.max_new_tokens_limit
-        max_new = params.get("max_new_tokens", min(256, limit))
-        if not isinstance(max_new, int) or isinstance(max_new, bool) or not 1 <= max_new <= limit:
-            raise GeneratorError(f"max_new_tokens must be a whole number from 1 to {limit}")
-        checked["max_new_tokens"] = max_new
-        for name, (low, high) in RANGES.items():
-            value = params.get(name, DEFAULTS[name])
-            if not isinstance(value, int | float) or isinstance(value, bool) or math.isnan(value):
-                raise GeneratorError(f"{name} must be a number from {low:g} to {high:g}")
-            if not low <= value <= high:
-                raise GeneratorError(f"{name} must be between {low:g} and {high:g} (got {value:g})")
-            checked[name] = int(value) if name == "top_k" else float(value)
-        seed = params.get("seed")
-        if seed is not None and (not isinstance(seed, int) or not 0 <= seed < 2**63):
-            raise GeneratorError("seed must be a whole number from 0 to 2^63-1")
-        checked["seed"] = seed
-        if params.get("system_prompt"):
-            checked["system_prompt"] = check_text(str(params["system_prompt"]), "the system prompt")
-        if params.get("history"):
-            history = params["history"]
-            if not isinstance(history, list) or not all(
-                isinstance(turn, dict) and turn.get("role") in ("user", "assistant")
-                and isinstance(turn.get("content"), str) for turn in history
-            ):
-                raise GeneratorError("history must be a list of {role: user|assistant, content} turns")
-            checked["history"] = history
+        checked = check_params(prompt, params, max_prompt_chars=self.max_prompt_chars,
+                               max_new_tokens=self.max_new_tokens_limit)
         self.resolve()
         return checked
 

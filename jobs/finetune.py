@@ -43,11 +43,11 @@ from zoneinfo import ZoneInfo
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from apscheduler.triggers.cron import CronTrigger
 
-from generators.adapters import GuildAdapters
 from generators.base import Cancelled, Generator, GeneratorError, Request, Result
 from generators.finetune_gate import GateConfig, GateDecision, decide
 from generators.finetune_image import ImageTuneConfig, finetune_image
 from generators.finetune_text import TextTuneConfig, finetune_text, held_out_split
+from generators.lora import GuildAdapters
 from jobs.live_scheduler import LiveScheduler
 from storage.community import CommunityStore, Snapshot, Version
 from storage.database import AsyncDatabase

@@ -18,7 +18,7 @@ import pytest_asyncio
 import torch
 
 from bot.core.curation import content_hash
-from generators.adapters import AdapterTextGenerator, GuildAdapters
+from generators.adapters import AdapterTextGenerator
 from generators.base import Request
 from generators.finetune_gate import GateConfig, decide
 from generators.finetune_image import ImageTuneConfig
@@ -32,6 +32,7 @@ from generators.finetune_text import (
     tune,
 )
 from generators.image_train import model_header
+from generators.lora import GuildAdapters
 from generators.queue import GenerationQueue, QueueConfig
 from generators.registry import ModelRegistry
 from jobs.finetune import (

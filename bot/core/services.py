@@ -46,7 +46,7 @@ from storage.safety import SafetyStore
 from storage.schedules import SqliteScheduleStore
 
 if TYPE_CHECKING:
-    from generators.adapters import GuildAdapters
+    from generators.lora import GuildAdapters
     from jobs.finetune import FinetuneRunner, NightlyTrainer
 
 log = logging.getLogger(__name__)
@@ -214,7 +214,7 @@ class Services:
 
     @cached_property
     def adapters(self) -> GuildAdapters:
-        from generators.adapters import GuildAdapters
+        from generators.lora import GuildAdapters
         from jobs.finetune import serving_paths
 
         return GuildAdapters(serving_paths(self.community))
