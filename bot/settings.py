@@ -10,8 +10,9 @@ from __future__ import annotations
 from datetime import timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator
+from pydantic import AliasChoices, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 from pydantic_settings import SettingsError as SourceError
 
@@ -68,6 +69,28 @@ class Settings(BaseSettings):
     system_prompt: str = Field(
         "You are a friendly, concise assistant in a Discord server.",
         validation_alias=_env("AIGC_SYSTEM_PROMPT"),
+    )
+    text_backend: Literal["embedded", "openai"] = Field(
+        "embedded", validation_alias=_env("AIGC_TEXT_BACKEND"),
+        description="embedded: the text model runs in the bot (AIGC_TEXT_MODEL); openai: an OpenAI-compatible "
+        "server answers (vLLM, llama.cpp's server, Ollama): set AIGC_OPENAI_BASE_URL.",
+    )
+    openai_base_url: str | None = Field(
+        None, validation_alias=_env("AIGC_OPENAI_BASE_URL"),
+        description="The server's API base, such as http://10.0.0.5:8000/v1 (AIGC_TEXT_BACKEND=openai).",
+    )
+    openai_api_key: SecretStr | None = Field(None, validation_alias=_env("AIGC_OPENAI_API_KEY"))
+    openai_model: str | None = Field(
+        None, validation_alias=_env("AIGC_OPENAI_MODEL"),
+        description="The model to ask for (default: the first one the server lists).",
+    )
+    openai_concurrency: int = Field(
+        32, ge=1, le=512, validation_alias=_env("AIGC_OPENAI_CONCURRENCY"),
+        description="Text jobs sent to the server at once (it batches them).",
+    )
+    openai_timeout_s: float = Field(
+        60.0, gt=0, le=3600, validation_alias=_env("AIGC_OPENAI_TIMEOUT_S"),
+        description="Seconds to wait for the server to connect or send the next part of an answer.",
     )
     max_prompt_chars: int = Field(4000, ge=1, le=100_000, validation_alias=_env("AIGC_MAX_PROMPT_CHARS"))
     max_new_tokens: int = Field(256, ge=1, le=4096, validation_alias=_env("AIGC_MAX_NEW_TOKENS"))
@@ -198,6 +221,23 @@ class Settings(BaseSettings):
             raise ValueError("expected a URL such as https://discord.com/api/v10")
         return value
 
+    @field_validator("openai_base_url")
+    @classmethod
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urlsplit(value)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise ValueError("expected an http(s) URL of the server's API, such as http://10.0.0.5:8000/v1")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _backend_configured(self) -> Settings:
+        if self.text_backend == "openai" and not self.openai_base_url:
+            raise ValueError("setting AIGC_OPENAI_BASE_URL: needed when AIGC_TEXT_BACKEND=openai (the server's API "
+                             "base, such as http://10.0.0.5:8000/v1)")
+        return self
+
     @property
     def db_file(self) -> Path:
         return self.database_path or self.data_dir / "aigcbot.sqlite3"
@@ -281,10 +321,10 @@ def load_settings(**overrides: object) -> Settings:
         raise SettingsError(f"setting {_source_field(str(exc))}: cannot parse the value") from None
     except ValidationError as exc:
         error = exc.errors()[0]
-        field_name = str(error["loc"][0]) if error["loc"] else "?"
-        env_name = _env_name(field_name)
         message = error["msg"].removeprefix("Value error, ")
-        raise SettingsError(f"setting {env_name}: {message}") from None
+        if not error["loc"]:  # a rule across settings: its message names them
+            raise SettingsError(message) from None
+        raise SettingsError(f"setting {_env_name(str(error['loc'][0]))}: {message}") from None
     except UnicodeDecodeError as exc:  # the .env file
         raise SettingsError(f"setting {_undecodable(exc)}: not valid UTF-8 text in the settings file "
                             f"(byte 0x{exc.object[exc.start]:02x})") from None

@@ -40,7 +40,8 @@ def configure_logging(level: str = "INFO", secrets: Iterable[str] = ()) -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers", "huggingface_hub", "discord.gateway", "discord.http", "apscheduler"):
+    for name in ("transformers", "huggingface_hub", "discord.gateway", "discord.http", "apscheduler", "httpx",
+                 "httpx2", "openai"):
         logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
     try:
         from transformers.utils import logging as hf_logging

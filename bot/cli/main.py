@@ -149,8 +149,9 @@ def cmd_run(settings: Settings, args: argparse.Namespace) -> int:
 
         print("aigc-bot: connecting to Discord over the gateway", file=sys.stderr)
         return _run_async(run_gateway(settings, force_sync=args.sync_commands))
-    print("aigc-bot: no DISCORD_TOKEN set — starting the local console "
-          f"(text model: {settings.text_model})", file=sys.stderr)
+    text = (f"{settings.openai_model or 'the model'} at {settings.openai_base_url}" if settings.text_backend == "openai"
+            else settings.text_model)
+    print(f"aigc-bot: no DISCORD_TOKEN set — starting the local console (text: {text})", file=sys.stderr)
     return _run_async(_console(settings, args.guild or None, args.channel or None))
 
 

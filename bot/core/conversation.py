@@ -142,7 +142,11 @@ def token_counter(generator: Generator) -> Callable[[str], int]:
 
 
 def context_window(generator: Generator, default: int = DEFAULT_CONTEXT) -> int:
-    """The model's context length in tokens, when the loaded model says; else ``default``."""
+    """The model's context length in tokens, when the loaded model (or its server) says;
+    else ``default``."""
+    served = getattr(generator, "context_tokens", None)
+    if isinstance(served, int) and served > 0:
+        return served
     config = getattr(getattr(generator, "model", None), "config", None)
     positions = getattr(config, "max_position_embeddings", None)
     if isinstance(positions, int) and positions > 0:

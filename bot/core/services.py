@@ -71,12 +71,26 @@ class LocalTarget:
         return ("the server" if not guild else f"server {guild}", f"channel {channel}")
 
 
+SERVER_MODEL = "server"  # the text model name of jobs an OpenAI-compatible server answers
+
+
 def make_registry(settings: Settings, runner: Callable[[], FinetuneRunner] | None = None) -> ModelRegistry:
     """The generators this bot offers, by modality; each created lazily on first use (model
     code is imported then too). With a fine-tuning ``runner`` (made on first use), the
     training lane runs community fine-tunes (their jobs name their model, so no default)."""
 
     def text(model: str) -> Generator:
+        if settings.text_backend == "openai":
+            from generators.openai_text import OpenAITextGenerator
+
+            assert settings.openai_base_url is not None  # the settings check it
+            key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
+            # The bot's text model name means "the server's model"; another is a model the server serves.
+            served = settings.openai_model if model in (settings.text_model, SERVER_MODEL) else model
+            return OpenAITextGenerator(
+                settings.openai_base_url, key, served, system_prompt=settings.system_prompt,
+                max_new_tokens=settings.max_new_tokens, max_prompt_chars=settings.max_prompt_chars,
+                concurrency=settings.openai_concurrency, timeout_s=settings.openai_timeout_s)
         from generators.adapters import AdapterTextGenerator
 
         # Serves each server's promoted LoRA adapter (params["adapter"]) on one base model.
@@ -111,7 +125,8 @@ def make_registry(settings: Settings, runner: Callable[[], FinetuneRunner] | Non
         return ImageGenerator(model=model)
 
     factories: dict[str, Factory] = {"text": text, "image": image, "audio": audio}
-    defaults = {"text": settings.text_model, "image": settings.image_model, "audio": settings.speech_model or "hibari"}
+    text_model = (settings.openai_model or SERVER_MODEL) if settings.text_backend == "openai" else settings.text_model
+    defaults = {"text": text_model, "image": settings.image_model, "audio": settings.speech_model or "hibari"}
     if runner is not None:
         def training(_name: str) -> Generator:
             from jobs.finetune import TrainingGenerator
