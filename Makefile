@@ -57,7 +57,18 @@ constraints:
 run: setup
 	$(BIN)/aigcbot run
 
-test: setup
+# The tests run a real vLLM CPU server (tests/vllm_server.py): it lives in a virtual
+# environment of its own, as an operator's would.
+VLLM_VENV ?= .venv-vllm
+
+$(VLLM_VENV)/.installed: requirements/vllm.txt
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install --quiet --disable-pip-version-check -r requirements/vllm.txt
+	@# Its CPU build does not need these, and their native parts break its start here.
+	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
+	@touch $@
+
+test: setup $(VLLM_VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q
@@ -66,4 +77,4 @@ bench: setup
 	$(BIN)/python bench/text_throughput.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .ruff_cache

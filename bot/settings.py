@@ -19,6 +19,8 @@ from pydantic_settings import SettingsError as SourceError
 from generators.base import text_problem
 from storage.ids import is_snowflake
 
+SERVER_MODEL = "server"  # a job's text model when an OpenAI-compatible server picks it
+
 if TYPE_CHECKING:
     from generators.queue import QueueConfig
     from jobs.finetune import FinetuneSettings
@@ -239,6 +241,14 @@ class Settings(BaseSettings):
         return self
 
     @property
+    def default_text_model(self) -> str:
+        """The text model a job asks for when nobody chose one: the embedded model, or with an
+        OpenAI-compatible server its configured model (``server``: whichever it serves first)."""
+        if self.text_backend == "openai":
+            return self.openai_model or SERVER_MODEL
+        return self.text_model
+
+    @property
     def db_file(self) -> Path:
         return self.database_path or self.data_dir / "aigcbot.sqlite3"
 
@@ -267,7 +277,7 @@ def global_defaults(settings: Settings) -> dict[str, Any]:
     channel set one (`storage.guild_config.KEYS` declares the keys)."""
     defaults: dict[str, Any] = {
         "enabled_commands": None,  # None: every command
-        "default_model.text": settings.text_model,
+        "default_model.text": settings.default_text_model,
         "default_model.image": None,
         "default_model.audio": None,
         "max_pending_per_user": settings.max_pending_per_user,

@@ -152,6 +152,8 @@ class OpenAITextGenerator(Generator):
     def _stream(self, request: Request, model: str, messages: list[dict[str, Any]], arguments: dict[str, Any],
                 metadata: dict[str, Any]) -> Result:
         assert self.client is not None
+        if request.cancelled():  # cancelled while connecting: never ask the server
+            return Result(text="", metadata={**metadata, "tokens": 0}, cancelled=True)
         stream = self.client.chat.completions.create(
             model=model, messages=messages, stream=True, stream_options={"include_usage": True},  # type: ignore[arg-type]
             **arguments)

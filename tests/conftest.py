@@ -1,11 +1,16 @@
 """Shared pytest fixtures."""
 
+import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
 
+from tests import vllm_server
 from tests.fakediscord.fixtures import *  # noqa: F403  (fake_discord, fake_discord_factory)
 from tests.tiny_text import build_tiny_chat_model
+
+VLLM = pytest.StashKey[vllm_server.VllmServer]()
 
 #: Where the packaged SmolLM2 is converted once and cached, shared with `aigcbot run`.
 MODEL_CACHE = Path(__file__).resolve().parent.parent / "data" / "models"
@@ -28,3 +33,25 @@ def bot_env(tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("AIGC_TEXT_MODEL", str(tiny_model_dir))
     monkeypatch.chdir(tmp_path)  # no stray .env from the developer's checkout
     return data
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start vLLM as soon as a test that needs it is collected: it boots (a minute or more)
+    while the other tests run."""
+    if any("vllm" in getattr(item, "fixturenames", ()) for item in session.items):
+        session.config.stash[VLLM] = vllm_server.start(Path(tempfile.mkdtemp(prefix="aigc-vllm-")))
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    server = config.stash.get(VLLM, None)
+    if server is not None:
+        server.stop()
+        shutil.rmtree(server.model.parent, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def vllm(pytestconfig: pytest.Config) -> vllm_server.VllmServer:
+    """The real vLLM server of this run, once it answers."""
+    server = pytestconfig.stash[VLLM]
+    server.wait_ready()
+    return server

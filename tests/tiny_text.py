@@ -22,8 +22,10 @@ CHAT_TEMPLATE = (
 )
 
 
-def build_tiny_chat_model(folder: Path, *, seed: int = 0, max_positions: int = 8192) -> Path:
-    """Write a tiny model + tokenizer to ``folder`` and return it."""
+def build_tiny_chat_model(folder: Path, *, seed: int = 0, max_positions: int = 8192, hidden_size: int = 64,
+                          heads: int = 4, kv_heads: int = 2) -> Path:
+    """Write a tiny model + tokenizer to ``folder`` and return it. (vLLM's CPU attention needs a
+    head size of at least 64: ``hidden_size=128, heads=2`` for the vLLM tests.)"""
     chars = sorted(set(string.printable) - {"\x0b", "\x0c"})
     vocab = {token: i for i, token in enumerate(SPECIALS + chars + ["<unk>"])}
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -37,8 +39,8 @@ def build_tiny_chat_model(folder: Path, *, seed: int = 0, max_positions: int = 8
     tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
     config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_positions,
+        vocab_size=len(vocab), hidden_size=hidden_size, intermediate_size=2 * hidden_size, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_positions,
         initializer_range=0.5, pad_token_id=vocab["<|pad|>"], eos_token_id=vocab["<|im_end|>"],
         bos_token_id=vocab["<|im_start|>"], tie_word_embeddings=False,
     )

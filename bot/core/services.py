@@ -28,7 +28,7 @@ import sqlite_utils
 from bot.core.capture import CaptureBuffer
 from bot.core.moderation import Moderation
 from bot.core.safety import RuleCache
-from bot.settings import Settings, finetune_settings, global_defaults, poster_options, queue_config
+from bot.settings import SERVER_MODEL, Settings, finetune_settings, global_defaults, poster_options, queue_config
 from generators.base import Generator, GeneratorError
 from generators.queue import GenerationQueue
 from generators.registry import Factory, ModelRegistry
@@ -71,9 +71,6 @@ class LocalTarget:
         return ("the server" if not guild else f"server {guild}", f"channel {channel}")
 
 
-SERVER_MODEL = "server"  # the text model name of jobs an OpenAI-compatible server answers
-
-
 def make_registry(settings: Settings, runner: Callable[[], FinetuneRunner] | None = None) -> ModelRegistry:
     """The generators this bot offers, by modality; each created lazily on first use (model
     code is imported then too). With a fine-tuning ``runner`` (made on first use), the
@@ -86,7 +83,7 @@ def make_registry(settings: Settings, runner: Callable[[], FinetuneRunner] | Non
             assert settings.openai_base_url is not None  # the settings check it
             key = settings.openai_api_key.get_secret_value() if settings.openai_api_key else None
             # The bot's text model name means "the server's model"; another is a model the server serves.
-            served = settings.openai_model if model in (settings.text_model, SERVER_MODEL) else model
+            served = None if model == SERVER_MODEL else model
             return OpenAITextGenerator(
                 settings.openai_base_url, key, served, system_prompt=settings.system_prompt,
                 max_new_tokens=settings.max_new_tokens, max_prompt_chars=settings.max_prompt_chars,
@@ -125,8 +122,8 @@ def make_registry(settings: Settings, runner: Callable[[], FinetuneRunner] | Non
         return ImageGenerator(model=model)
 
     factories: dict[str, Factory] = {"text": text, "image": image, "audio": audio}
-    text_model = (settings.openai_model or SERVER_MODEL) if settings.text_backend == "openai" else settings.text_model
-    defaults = {"text": text_model, "image": settings.image_model, "audio": settings.speech_model or "hibari"}
+    defaults = {"text": settings.default_text_model, "image": settings.image_model,
+                "audio": settings.speech_model or "hibari"}
     if runner is not None:
         def training(_name: str) -> Generator:
             from jobs.finetune import TrainingGenerator
