@@ -9,6 +9,9 @@ Sections, each in its own process so peak RSS is its own:
   naive     the baseline: a transformers `pipeline`, fp32, one request after another.
   queue     the bot: GenerationQueue + TextGenerator (quantization policy + batching),
             all users submitting at once; event-loop lag measured while it generates.
+  vllm      a vLLM CPU server (the tests' .venv-vllm, started here) on the same weights:
+            called directly (the openai client, all users at once), and through the bot's
+            queue with the OpenAI-compatible backend; the bot's overhead is the difference.
 Same model (the packaged SmolLM2-135M-Instruct), same prompts, greedy decoding.
 """
 
@@ -29,6 +32,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+SYSTEM = "You are a friendly, concise assistant in a Discord server."  # the bot's default
 PROMPTS = [
     "Write a haiku about rain.",
     "What is the capital of France?",
@@ -258,12 +262,110 @@ def section_cb(args: argparse.Namespace) -> dict[str, Any]:
     return {"cb_tok_s": cb_tokens / cb_elapsed, "static_tok_s": static_tokens / static_elapsed}
 
 
-SECTIONS = {"quality": section_quality, "naive": section_naive, "queue": section_queue, "cb": section_cb}
+def section_vllm(args: argparse.Namespace) -> dict[str, Any]:
+    return asyncio.run(_vllm(args))
+
+
+async def _vllm(args: argparse.Namespace) -> dict[str, Any]:
+    import socket
+    import tempfile
+    import urllib.request
+
+    import openai
+
+    from generators.openai_text import OpenAITextGenerator
+    from generators.queue import GenerationQueue, QueueConfig
+    from generators.registry import ModelRegistry
+    from generators.sampling import DEFAULTS
+    from generators.text import TextGenerator
+    from storage.database import open_database
+    from storage.jobs import NewJob, SqliteJobStore
+
+    # The packaged SmolLM2 as the bot converts it once (safetensors): vLLM loads that folder as is.
+    folder = TextGenerator("smollm2", cache_dir=ROOT / "data" / "models").converted_folder()
+    if folder is None:
+        raise SystemExit("run the queue section (or the bot) once first: it converts the packaged model")
+    python = Path(os.environ.get("AIGC_BENCH_VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    log = Path(tempfile.mkdtemp()) / "vllm.log"
+    server = subprocess.Popen(
+        [str(python), "-m", "vllm.entrypoints.openai.api_server", "--model", str(folder), "--served-model-name",
+         "smollm2", "--host", "127.0.0.1", "--port", str(port), "--max-model-len", "2048", "--dtype", args.vllm_dtype],
+        stdout=log.open("wb"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "VLLM_CPU_KVCACHE_SPACE": "2"})
+    url = f"http://127.0.0.1:{port}/v1"
+    try:
+        for _ in range(600):
+            try:
+                with urllib.request.urlopen(f"{url}/models", timeout=2):
+                    break
+            except OSError:
+                if server.poll() is not None:
+                    raise SystemExit(f"vLLM exited: {log.read_text()[-2000:]}") from None
+                await asyncio.sleep(1)
+        client = openai.AsyncOpenAI(base_url=url, api_key="none", timeout=600)
+
+        async def direct(prompt: str) -> tuple[float, int]:
+            start = time.perf_counter()
+            # The same messages as the bot sends (its default system prompt), so the same tokens.
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+            stream = await client.chat.completions.create(
+                model="smollm2", messages=messages, max_tokens=args.tokens,  # type: ignore[arg-type]
+                temperature=0.0, top_p=DEFAULTS["top_p"], stream=True, stream_options={"include_usage": True},
+                extra_body={"top_k": DEFAULTS["top_k"], "repetition_penalty": DEFAULTS["repetition_penalty"]})
+            tokens = 0
+            async for chunk in stream:
+                if chunk.usage is not None:
+                    tokens = chunk.usage.completion_tokens
+            return time.perf_counter() - start, tokens
+
+        tmp = Path(tempfile.mkdtemp())
+        generator = OpenAITextGenerator(url, None, "smollm2", max_new_tokens=args.tokens, concurrency=64,
+                                        system_prompt=SYSTEM)
+        registry = ModelRegistry({"text": lambda _n: generator}, {"text": "smollm2"}, budget_bytes=2**34)
+        queue = GenerationQueue(SqliteJobStore(open_database(tmp / "bench.sqlite3")), registry,
+                                QueueConfig(artifacts_dir=tmp / "a", max_pending_per_user=100))
+        await queue.start()
+
+        async def through_bot(user: int, prompt: str) -> tuple[float, int]:
+            start = time.perf_counter()
+            record = await queue.submit(NewJob(kind="text", model="", prompt=prompt, requester=f"u{user}",
+                                               params={"temperature": 0.0, "max_new_tokens": args.tokens}))
+            done = await queue.wait(record.id)
+            assert done.status == "succeeded", done.error
+            return time.perf_counter() - start, int((done.result or {})["metadata"]["tokens"])
+
+        await direct("hi")
+        await through_bot(0, "hi")  # warm-up
+        results: dict[str, dict[str, Any]] = {"direct": {}, "bot": {}}
+        for users in args.users:
+            prompts = (PROMPTS * 8)[:users]
+            for name, call in (("direct", lambda u, p: direct(p)), ("bot", through_bot)):
+                start = time.perf_counter()
+                outcomes = await asyncio.gather(*[call(u, p) for u, p in enumerate(prompts)])
+                elapsed = time.perf_counter() - start
+                latencies = [o[0] for o in outcomes]
+                tokens = sum(o[1] for o in outcomes)
+                results[name][str(users)] = {"tok_s": tokens / elapsed, "p50": percentile(latencies, 0.5),
+                                             "p95": percentile(latencies, 0.95), "tokens": tokens}
+        await queue.stop()
+        await client.close()
+        return results
+    finally:
+        server.terminate()
+        server.wait(30)
+
+
+SECTIONS = {"quality": section_quality, "naive": section_naive, "queue": section_queue, "cb": section_cb,
+            "vllm": section_vllm}
 
 
 def run_child(section: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--section", section, "--tokens", str(args.tokens),
-           "--users", *map(str, args.users), "--modes", *args.modes, "--queue-mode", args.queue_mode]
+           "--users", *map(str, args.users), "--modes", *args.modes, "--queue-mode", args.queue_mode,
+           "--vllm-dtype", args.vllm_dtype]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -280,6 +382,8 @@ def main() -> None:
                         default=["none", "bf16", "fp16-weights", "int8-dynamic", "bnb-8bit", "bnb-4bit"])
     parser.add_argument("--queue-mode", default="auto", help="quantization mode of the queue run")
     parser.add_argument("--quick", action="store_true", help="16 tokens, modes none, bf16 and fp16-weights")
+    parser.add_argument("--vllm-dtype", default="bfloat16", help="the vLLM server's --dtype")
+    parser.add_argument("--no-vllm", action="store_true", help="leave out the vLLM rows")
     args = parser.parse_args()
     if args.section:
         print(json.dumps(SECTIONS[args.section](args)))
@@ -312,6 +416,18 @@ def main() -> None:
         print(f"| aigc-bot queue ({queue['mode']}, batched) | {users} | {q['tok_s']:.1f} | {q['p50']:.2f} "
               f"| {q['p95']:.2f} | {queue['peak_rss_mb']:.0f} | {q['lag_p99_ms']:.1f} "
               f"| {q['tok_s'] / n['tok_s']:.1f}× |")
+    if args.no_vllm:
+        return
+    vllm = run_child("vllm", args)
+    print(f"\nvLLM CPU ({args.vllm_dtype}), streamed, all users at once\n")
+    print("| setup | users | tokens | tokens/s | p50 latency s | p95 latency s | bot's overhead |")
+    print("|---|---|---|---|---|---|---|")
+    for users in map(str, args.users):
+        d, b = vllm["direct"][users], vllm["bot"][users]
+        print(f"| vLLM called directly | {users} | {d['tokens']} | {d['tok_s']:.1f} | {d['p50']:.2f} "
+              f"| {d['p95']:.2f} | – |")
+        print(f"| aigc-bot queue → vLLM (openai backend) | {users} | {b['tokens']} | {b['tok_s']:.1f} | {b['p50']:.2f} "
+              f"| {b['p95']:.2f} | {1 - b['tok_s'] / d['tok_s']:.1%} |")
 
 
 if __name__ == "__main__":

@@ -118,6 +118,9 @@ class Generator(ABC):
     #: (its batches take the CPU or GPU in turn); more for a remote server that batches
     #: requests itself (see `generators.openai_text`).
     concurrency: int = 1
+    #: Whether its work runs on this machine (a model in this process): the queue then runs it
+    #: at a lower CPU priority than the event loop. A remote server's client only waits.
+    local: bool = True
 
     @abstractmethod
     def load(self) -> None:

@@ -52,6 +52,7 @@ class OpenAITextGenerator(Generator):
 
     kind = "text"
     max_batch_size = 1
+    local = False  # the server computes; this only reads its stream
 
     def __init__(self, base_url: str, api_key: str | None, model: str | None = None, *,
                  system_prompt: str = "You are a helpful assistant.", max_new_tokens: int = 256,

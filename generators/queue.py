@@ -451,9 +451,10 @@ class GenerationQueue:
         timers = [loop.call_later(timeout, self._time_out, r) for r in requests]
         watcher = asyncio.create_task(self._heartbeat(requests))
         model = records[0].model
+        nice = self.config.model_nice if self.registry.get(lane.kind, model).local else 0
         try:
             results: list[Result] | None = await run_in_fresh_thread(
-                f"lane-{lane.kind}", self._generate, lane.kind, model, requests, nice=self.config.model_nice)
+                f"lane-{lane.kind}", self._generate, lane.kind, model, requests, nice=nice)
             error: str | None = None
         except Cancelled:
             results, error = None, "cancelled"

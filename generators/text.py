@@ -127,6 +127,12 @@ class TextGenerator(Generator):
         log.info("loaded text model %s on %s in mode %s (%.0f MB)", self.model_name, self.device,
                  self.mode, self.memory_bytes() / 2**20)
 
+    def converted_folder(self) -> Path | None:
+        """The folder of safetensors the packaged GGUF was converted into (after a first load),
+        which other engines (vLLM) load as is; None before that, or for a non-GGUF model."""
+        folder = self._cache_folder(self.resolve())
+        return folder if folder is not None and (folder / "model.safetensors").exists() else None
+
     def _converted(self, source: ModelSource) -> tuple[str, str | None]:
         """A GGUF is de-quantized on every load (slow); the packaged one is converted once
         into the cache folder and loaded from safetensors afterwards."""
