@@ -180,7 +180,7 @@ async def _queue(args: argparse.Namespace) -> dict[str, Any]:
     from storage.jobs import NewJob, SqliteJobStore
 
     generator = TextGenerator("smollm2", quantization_mode=args.queue_mode, max_new_tokens=args.tokens,
-                              max_batch_size=8, cache_dir=ROOT / "data" / "models")
+                              max_batch_size=args.max_batch, cache_dir=ROOT / "data" / "models")
     # Not loaded here: the warm-up job loads it on the lane's thread, as in the bot (torch
     # work on this main thread would keep an OpenMP team alive that slows the lane's).
     tmp = Path(tempfile.mkdtemp())
@@ -365,7 +365,7 @@ SECTIONS = {"quality": section_quality, "naive": section_naive, "queue": section
 def run_child(section: str, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--section", section, "--tokens", str(args.tokens),
            "--users", *map(str, args.users), "--modes", *args.modes, "--queue-mode", args.queue_mode,
-           "--vllm-dtype", args.vllm_dtype]
+           "--vllm-dtype", args.vllm_dtype, "--max-batch", str(args.max_batch)]
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "error", "HF_HUB_DISABLE_PROGRESS_BARS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -383,6 +383,7 @@ def main() -> None:
     parser.add_argument("--queue-mode", default="auto", help="quantization mode of the queue run")
     parser.add_argument("--quick", action="store_true", help="16 tokens, modes none, bf16 and fp16-weights")
     parser.add_argument("--vllm-dtype", default="bfloat16", help="the vLLM server's --dtype")
+    parser.add_argument("--max-batch", type=int, default=8, help="the queue's text batch size (AIGC_TEXT_MAX_BATCH)")
     parser.add_argument("--no-vllm", action="store_true", help="leave out the vLLM rows")
     args = parser.parse_args()
     if args.section:
