@@ -25,9 +25,10 @@ from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from generators.base import GeneratorError, Request, Result
+from generators.base import Feed, GeneratorError, Request, Result
 from generators.lora import adapter_name, check_adapter
 from generators.text import TextGenerator
+from generators.text_batch import Row, StreamDecoder
 
 
 class AdapterSet:
@@ -110,19 +111,22 @@ class AdapterTextGenerator(TextGenerator):
         # One batch runs one adapter: only requests for the same adapter (or none) share it.
         return (self.model_name, request.params.get("adapter"))
 
-    def generate(self, requests: list[Request]) -> list[Result]:
+    def serve(self, requests: list[Request], feed: Feed) -> None:
+        # Requests that join later have the same batch key, hence the same adapter.
         if self.model is None:
             self.load()
         base = self.model
         with self.adapters.activate(base, requests[0].params.get("adapter")) as active:
             self.model = active
             try:
-                results = super().generate(requests)
+                super().serve(requests, feed)
             finally:
                 self.model = base
-        for result in results:
-            result.metadata["adapter"] = requests[0].params.get("adapter")
-        return results
+
+    def _result(self, row: Row, stream: StreamDecoder) -> Result:
+        result = super()._result(row, stream)
+        result.metadata["adapter"] = row.request.params.get("adapter")
+        return result
 
     def unload(self) -> None:
         super().unload()

@@ -107,6 +107,33 @@ class Request:
         return self.cancel_event.is_set()
 
 
+class Feed(ABC):
+    """What a continuously batching generator (``Generator.serve``) is fed by: the queue, or a
+    fixed list (`ListFeed`). Both methods are called from the generator's thread."""
+
+    @abstractmethod
+    def take(self, limit: int) -> list[Request]:
+        """Up to ``limit`` waiting requests that may join the running batch now (often none).
+        Cheap when nothing waits: a generator may ask between any two steps."""
+
+    @abstractmethod
+    def finish(self, request: Request, result: Result) -> None:
+        """``request`` is done (cancelled ones included: ``result.cancelled``)."""
+
+
+class ListFeed(Feed):
+    """Feeds nothing more than the requests ``serve`` starts with; collects their results."""
+
+    def __init__(self) -> None:
+        self.results: dict[int, Result] = {}
+
+    def take(self, limit: int) -> list[Request]:
+        return []
+
+    def finish(self, request: Request, result: Result) -> None:
+        self.results[id(request)] = result
+
+
 class Generator(ABC):
     """A model backend. ``load`` is called lazily by the registry, ``unload`` on eviction."""
 
@@ -121,6 +148,10 @@ class Generator(ABC):
     #: Whether its work runs on this machine (a model in this process): the queue then runs it
     #: at a lower CPU priority than the event loop. A remote server's client only waits.
     local: bool = True
+    #: Whether it batches continuously (``serve``): compatible requests join the running batch
+    #: between steps and each leaves it, with its result, as soon as it finishes, instead of
+    #: waiting for the whole batch.
+    continuous: bool = False
 
     @abstractmethod
     def load(self) -> None:
@@ -137,6 +168,12 @@ class Generator(ABC):
     @abstractmethod
     def generate(self, requests: list[Request]) -> list[Result]:
         """Produce one result per request, in order. Called from a worker thread."""
+
+    def serve(self, requests: list[Request], feed: Feed) -> None:
+        """Generate ``requests`` and whatever ``feed.take`` adds while they run, handing each
+        result to ``feed.finish`` as soon as it is ready; return when none is left. Only for a
+        generator with ``continuous`` set."""
+        raise NotImplementedError(f"{type(self).__name__} does not batch continuously")
 
     def check(self, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
         """Validate a request before it is queued; return normalised params.

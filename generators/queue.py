@@ -6,7 +6,9 @@
   and its own model thread per batch, so a long job in one lane never blocks another.
 - Inside a lane: higher priority first, then round-robin across requesters (each job gets
   a "round": a user's n-th waiting job runs in round n), then arrival order.
-- Compatible waiting jobs (equal ``Generator.batch_key``) run in one ``generate`` call.
+- Compatible waiting jobs (equal ``Generator.batch_key``) run in one ``generate`` call. A
+  generator that batches continuously (``Generator.serve``) also takes compatible jobs from
+  the head of the lane while its batch runs, and each job is settled the moment it finishes.
 - Model work runs on a thread started for the batch (see ``run_in_fresh_thread``); its
   callbacks come back to the loop through ``call_soon_threadsafe``. Listeners hear
   positions, start, progress, partial output and the final record.
@@ -18,6 +20,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import hashlib
 import itertools
@@ -28,12 +31,12 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Hashable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from generators.base import Cancelled, GeneratorError, Output, Request, Result
+from generators.base import Cancelled, Feed, GeneratorError, Output, Request, Result
 from generators.registry import ModelRegistry
 from storage.database import AsyncDatabase
 from storage.jobs import Artifact, JobLimits, JobNotFound, JobRecord, JobStore, LimitReached, NewJob, QuotaExceeded
@@ -181,6 +184,46 @@ class _Lane:
                 self.waiting.remove(item)
                 return item
         return None
+
+
+@dataclass
+class _Run:
+    """The jobs of one ``generate`` or ``serve`` call; a continuous batch's grows as jobs join."""
+
+    lane: _Lane
+    model: str
+    key: Hashable
+    requests: list[Request] = field(default_factory=list)
+    records: dict[int, JobRecord] = field(default_factory=dict)
+    timers: dict[int, asyncio.TimerHandle] = field(default_factory=dict)
+    finished: set[int] = field(default_factory=set)
+    settling: list[asyncio.Task[None]] = field(default_factory=list)
+
+
+class _QueueFeed(Feed):
+    """A continuous batch's feed (called on the model thread): waiting jobs join through the
+    loop, and each finished job is settled on the loop at once, while the batch runs on."""
+
+    JOIN_TIMEOUT_S = 10.0
+
+    def __init__(self, queue: GenerationQueue, run: _Run, loop: asyncio.AbstractEventLoop) -> None:
+        self.queue, self.run, self.loop = queue, run, loop
+
+    def take(self, limit: int) -> list[Request]:
+        if not self.run.lane.waiting or limit <= 0:  # a racy read, fine: checked again on the loop
+            return []
+        future = asyncio.run_coroutine_threadsafe(self.queue._join(self.run, limit), self.loop)
+        try:
+            return future.result(self.JOIN_TIMEOUT_S)
+        except (concurrent.futures.TimeoutError, RuntimeError):  # the loop is busy or closing
+            future.cancel()
+            return []
+
+    def finish(self, request: Request, result: Result) -> None:
+        def settle() -> None:
+            self.run.settling.append(asyncio.ensure_future(self.queue._finish_job(self.run, request, result, None)))
+
+        self.loop.call_soon_threadsafe(settle)
 
 
 class GenerationQueue:
@@ -436,42 +479,85 @@ class GenerationQueue:
                        seed=record.params.get("seed"))
 
     async def _execute(self, lane: _Lane, batch: list[_Waiting]) -> None:
-        loop = asyncio.get_running_loop()
         records = [w.record for w in batch]
-        requests = []
-        for record in records:
-            request = self._request(record)
-            request.on_progress = self._threadsafe_progress(record.id)
-            request.on_partial = self._threadsafe_partial(record.id)
-            requests.append(request)
-            lane.running[record.id] = request
-            self._positions[record.id] = 0
-            self._emit(JobEvent(record.id, "started", position=0))
-        timeout = self._timeout(lane.kind)
-        timers = [loop.call_later(timeout, self._time_out, r) for r in requests]
-        watcher = asyncio.create_task(self._heartbeat(requests))
         model = records[0].model
-        nice = self.config.model_nice if self.registry.get(lane.kind, model).local else 0
+        generator = self.registry.get(lane.kind, model)
+        run = _Run(lane, model, generator.batch_key(self._request(records[0])))
+        for record in records:
+            self._start_job(run, record)
+        watcher = asyncio.create_task(self._heartbeat(run))
+        nice = self.config.model_nice if generator.local else 0
+        results: list[Result] | None = None
+        error: str | None = None
         try:
-            results: list[Result] | None = await run_in_fresh_thread(
-                f"lane-{lane.kind}", self._generate, lane.kind, model, requests, nice=nice)
-            error: str | None = None
+            if generator.continuous:
+                feed = _QueueFeed(self, run, asyncio.get_running_loop())
+                await run_in_fresh_thread(f"lane-{lane.kind}", self._serve, lane.kind, model, list(run.requests),
+                                          feed, nice=nice)
+                error = "the generator returned no result"  # for a job it left unfinished (a bug)
+            else:
+                results = await run_in_fresh_thread(f"lane-{lane.kind}", self._generate, lane.kind, model,
+                                                    list(run.requests), nice=nice)
         except Cancelled:
-            results, error = None, "cancelled"
+            error = "cancelled"
         except GeneratorError as exc:
-            results, error = None, str(exc)
+            error = str(exc)
         except Exception as exc:
-            log.exception("generation failed for jobs %s", [r.id for r in records])
-            results, error = None, f"generation failed ({type(exc).__name__}); see the bot's log"
+            log.exception("generation failed for jobs %s", [r.job_id for r in run.requests])
+            error = f"generation failed ({type(exc).__name__}); see the bot's log"
         finally:
-            for timer in timers:
-                timer.cancel()
             watcher.cancel()
-            for record in records:
-                lane.running.pop(record.id, None)
-        for index, (record, request) in enumerate(zip(records, requests, strict=True)):
-            result = results[index] if results else None
-            await self._settle(record, request, result, error)
+        await asyncio.gather(*run.settling)  # jobs that left a continuous batch as they finished
+        for index, request in enumerate(list(run.requests)):
+            if request.job_id not in run.finished:
+                await self._finish_job(run, request, results[index] if results else None, error)
+
+    def _start_job(self, run: _Run, record: JobRecord) -> None:
+        request = self._request(record)
+        request.on_progress = self._threadsafe_progress(record.id)
+        request.on_partial = self._threadsafe_partial(record.id)
+        assert self._loop is not None
+        run.requests.append(request)
+        run.records[record.id] = record
+        run.timers[record.id] = self._loop.call_later(self._timeout(run.lane.kind), self._time_out, request)
+        run.lane.running[record.id] = request
+        self._positions[record.id] = 0
+        self._emit(JobEvent(record.id, "started", position=0))
+
+    async def _finish_job(self, run: _Run, request: Request, result: Result | None, error: str | None) -> None:
+        run.finished.add(request.job_id)
+        run.timers.pop(request.job_id).cancel()
+        run.lane.running.pop(request.job_id, None)
+        await self._settle(run.records[request.job_id], request, result, error)
+
+    async def _join(self, run: _Run, limit: int) -> list[Request]:
+        """Waiting jobs that join a running continuous batch: those at the head of the lane's
+        order that fit it (same model and batch key), up to ``limit``. A job that does not fit
+        stops the search, so it runs next instead of being overtaken while the batch lasts."""
+        lane = run.lane
+        if self._stopping or limit <= 0:
+            return []
+        generator = self.registry.get(lane.kind, run.model)
+        joining: list[_Waiting] = []
+        for item in lane.ordered()[:limit]:
+            if item.record.model != run.model or generator.batch_key(self._request(item.record)) != run.key:
+                break
+            joining.append(item)
+        if not joining:
+            return []
+        for item in joining:
+            lane.waiting.remove(item)
+        lane.served_round = max(lane.served_round, *(item.round for item in joining))
+        claimed = set(await self._db.run(self.store.claim, [w.record.id for w in joining], self.worker_id))
+        started = []
+        for item in joining:
+            if item.record.id in claimed:
+                self._start_job(run, item.record)
+                started.append(run.requests[-1])
+            else:  # cancelled meanwhile
+                self._finished(await self.get(item.record.id))
+        self._publish_positions(lane)
+        return started
 
     def _generate(self, kind: str, model: str, requests: list[Request]) -> list[Result]:
         with self.registry.acquire(kind, model) as generator:
@@ -479,6 +565,10 @@ class GenerationQueue:
         if len(results) != len(requests):
             raise GeneratorError("the generator returned the wrong number of results")
         return results
+
+    def _serve(self, kind: str, model: str, requests: list[Request], feed: _QueueFeed) -> None:
+        with self.registry.acquire(kind, model) as generator:
+            generator.serve(requests, feed)
 
     async def _settle(self, record: JobRecord, request: Request, result: Result | None,
                       error: str | None) -> None:
@@ -529,16 +619,14 @@ class GenerationQueue:
         self._timed_out.add(request.job_id)
         request.cancel_event.set()
 
-    async def _heartbeat(self, requests: list[Request]) -> None:
-        """Keep the claim alive and pick up cancels requested by other processes (the CLI)."""
-        ids = [r.job_id for r in requests]
+    async def _heartbeat(self, run: _Run) -> None:
+        """Keep the claims alive and pick up cancels requested by other processes (the CLI)."""
         while True:
             await asyncio.sleep(HEARTBEAT_S)
-            await self._db.run(self.store.heartbeat, ids)
-            for job_id in await self._db.run(self.store.cancel_requested, ids):
-                for request in requests:
-                    if request.job_id == job_id:
-                        request.cancel_event.set()
+            running = {r.job_id: r for r in run.requests if r.job_id not in run.finished}
+            await self._db.run(self.store.heartbeat, list(running))
+            for job_id in await self._db.run(self.store.cancel_requested, list(running)):
+                running[job_id].cancel_event.set()
 
     def _is_dead(self, worker: str | None, heartbeat_at: float | None) -> bool:
         if not worker:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from generators.base import GeneratorError, Request
+from generators.adapters import AdapterTextGenerator
+from generators.base import Feed, GeneratorError, Request
 from generators.queue import GenerationQueue, QueueConfig
 from generators.registry import ModelRegistry
 from generators.text import TextGenerator
 from storage.database import open_database
 from storage.jobs import NewJob, SqliteJobStore
+from tests.tiny_text import random_lora_adapter
 
 
 @pytest.fixture(scope="module")
@@ -97,37 +102,105 @@ def test_cancel_stops_one_row_and_not_the_others(tiny: TextGenerator) -> None:
     assert not kept.cancelled and kept.metadata["tokens"] == 40
 
 
-@pytest.mark.asyncio
-async def test_concurrent_jobs_are_batched_through_the_queue(tmp_path: Path, tiny_model_dir: Path) -> None:
-    generator = TextGenerator(str(tiny_model_dir), max_new_tokens=64, max_batch_size=8)
-    calls: list[int] = []
-    original = generator.generate
+class CountingTextGenerator(AdapterTextGenerator):
+    """The real generator (tiny model), recording how many requests each ``serve`` call began with."""
 
-    def counting(requests: list[Request]) -> list:
-        calls.append(len(requests))
-        return original(requests)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.calls: list[int] = []
 
-    generator.generate = counting  # type: ignore[method-assign]
+    def serve(self, requests: list[Request], feed: Feed) -> None:
+        self.calls.append(len(requests))
+        super().serve(requests, feed)
+
+
+@contextlib.asynccontextmanager
+async def text_queue(tmp_path: Path, generator: TextGenerator) -> AsyncIterator[GenerationQueue]:
     registry = ModelRegistry({"text": lambda _name: generator}, {"text": "tiny"}, budget_bytes=2**30)
     store = SqliteJobStore(open_database(tmp_path / "db.sqlite3"))
     queue = GenerationQueue(store, registry, QueueConfig(artifacts_dir=tmp_path / "a"))
     await queue.start()
     try:
+        yield queue
+    finally:
+        await queue.stop()
+
+
+def solo(generator: TextGenerator, prompt: str, **params: object) -> str | None:
+    checked = generator.check(prompt, dict(params))
+    return generator.generate([Request(0, prompt, checked)])[0].text
+
+
+@pytest.mark.asyncio
+async def test_concurrent_jobs_are_batched_through_the_queue(tmp_path: Path, tiny_model_dir: Path) -> None:
+    generator = CountingTextGenerator(str(tiny_model_dir), max_new_tokens=64, max_batch_size=8)
+    async with text_queue(tmp_path, generator) as queue:
         prompts = [f"user {i} says hi" for i in range(6)]
         records = await asyncio.gather(*[
             queue.submit(NewJob(kind="text", model="", prompt=p, requester=f"u{i}",
                                 params={"temperature": 0.0, "max_new_tokens": 12}))
             for i, p in enumerate(prompts)])
         done = [await queue.wait(r.id) for r in records]
-    finally:
-        await queue.stop()
     assert all(r.status == "succeeded" for r in done)
-    assert len(calls) < len(prompts) and sum(calls) == len(prompts)
-    def solo(prompt: str) -> str | None:
-        params = generator.check(prompt, {"temperature": 0.0, "max_new_tokens": 12})
-        return original([Request(0, prompt, params)])[0].text
+    assert len(generator.calls) < len(prompts)
+    answers = [solo(generator, p, temperature=0.0, max_new_tokens=12) for p in prompts]
+    assert [r.result["text"] for r in done if r.result] == answers
 
-    assert [r.result["text"] for r in done if r.result] == [solo(p) for p in prompts]
+
+@pytest.mark.asyncio
+async def test_a_job_joins_the_running_batch_and_a_short_one_leaves_it_early(tmp_path: Path,
+                                                                            tiny_model_dir: Path) -> None:
+    """Continuous batching: a job submitted while a long answer is being written starts at
+    once in the same batch (no second ``serve``), finishes and is delivered while the long
+    one goes on, and both give exactly what they give alone."""
+    generator = CountingTextGenerator(str(tiny_model_dir), max_new_tokens=512, ignore_eos=True)
+    long_params = {"temperature": 0.0, "max_new_tokens": 400}
+    short_params = {"temperature": 0.7, "seed": 5, "max_new_tokens": 6}
+    async with text_queue(tmp_path, generator) as queue:
+        order: list[str] = []
+        long = await queue.submit(NewJob(kind="text", model="", prompt="a long story", requester="u0",
+                                         params=long_params))
+        async for event in queue.watch(long.id):
+            if event.type == "partial":
+                break
+        short = await queue.submit(NewJob(kind="text", model="", prompt="quick one", requester="u1",
+                                          params=short_params))
+        for job_id, name in ((short.id, "short"), (long.id, "long")):
+            queue.subscribe(job_id, lambda e, name=name: order.append(name) if e.type == "finished" else None)
+        long_done, short_done = await queue.wait(long.id), await queue.wait(short.id)
+    assert generator.calls == [1]  # one batch: the short job joined it
+    assert order == ["short", "long"]
+    assert short_done.result and short_done.result["metadata"]["batch_size"] == 2
+    assert short_done.result["metadata"]["tokens"] == 6 and long_done.result
+    assert long_done.result["metadata"]["tokens"] == 400
+    assert short_done.result["text"] == solo(generator, "quick one", **short_params)
+    assert long_done.result["text"] == solo(generator, "a long story", **long_params)
+
+
+@pytest.mark.asyncio
+async def test_a_job_that_cannot_join_is_not_overtaken(tmp_path: Path, tiny_model_dir: Path) -> None:
+    """A waiting job for another adapter (another batch key) heads the lane: jobs behind it
+    that would fit the running batch do not join past it; it runs as soon as the batch ends."""
+    adapter = str(random_lora_adapter(tiny_model_dir, tmp_path / "adapter", seed=1))
+    generator = CountingTextGenerator(str(tiny_model_dir), max_new_tokens=512, ignore_eos=True)
+    async with text_queue(tmp_path, generator) as queue:
+        started: list[str] = []
+        first = await queue.submit(NewJob(kind="text", model="", prompt="running", requester="u0",
+                                          params={"temperature": 0.0, "max_new_tokens": 200}))
+        async for event in queue.watch(first.id):
+            if event.type == "partial":
+                break
+        other = await queue.submit(NewJob(kind="text", model="", prompt="with adapter", requester="u1",
+                                          params={"adapter": adapter, "max_new_tokens": 4}))
+        base = await queue.submit(NewJob(kind="text", model="", prompt="base again", requester="u2",
+                                         params={"max_new_tokens": 4}))
+        for job_id, name in ((other.id, "adapter"), (base.id, "base")):
+            queue.subscribe(job_id, lambda e, name=name: started.append(name) if e.type == "started" else None)
+        done = [await queue.wait(r.id) for r in (first, other, base)]
+    assert [r.status for r in done] == ["succeeded"] * 3
+    assert started == ["adapter", "base"]
+    assert generator.calls == [1, 1, 1]
+    assert done[1].result and done[1].result["metadata"]["adapter"] == adapter
 
 
 @pytest.mark.slow
