@@ -6,13 +6,15 @@
 Sections, each in its own process so peak RSS is its own:
   quality   every CPU quantization mode against fp32: next-token agreement on held-out
             text (teacher-forced), held-out perplexity, and batched generation speed.
-  naive     the baseline: a transformers `pipeline`, fp32, one request after another.
-  queue     the bot: GenerationQueue + TextGenerator (quantization policy + batching),
-            all users submitting at once; event-loop lag measured while it generates.
+  naive     the baseline: a transformers `pipeline`, fp32, one request after another
+            (up to 8 users: sequential, more users only take longer at the same rate).
+  queue     the bot: GenerationQueue + TextGenerator (quantization policy + continuous
+            batching), all users submitting at once; event-loop lag measured meanwhile.
   vllm      a vLLM CPU server (the tests' .venv-vllm, started here) on the same weights:
             called directly (the openai client, all users at once), and through the bot's
             queue with the OpenAI-compatible backend; the bot's overhead is the difference.
-Same model (the packaged SmolLM2-135M-Instruct), same prompts, greedy decoding.
+Same model (the packaged SmolLM2-135M-Instruct), same messages, greedy decoding, and exactly
+--tokens new tokens per request in every row (end of text ignored), so rows compare equal work.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 SYSTEM = "You are a friendly, concise assistant in a Discord server."  # the bot's default
+NAIVE_MAX_USERS = 8  # one request after another: more users only take longer, at the same rate
 PROMPTS = [
     "Write a haiku about rain.",
     "What is the capital of France?",
@@ -152,13 +155,14 @@ def section_naive(args: argparse.Namespace) -> dict[str, Any]:
     pipe = pipeline("text-generation", model=model, tokenizer=tokenizer, device="cpu")
     pipe([{"role": "user", "content": "hi"}], max_new_tokens=4, do_sample=False)  # warm-up
     results = {}
-    for users in args.users:
+    for users in [u for u in args.users if u <= NAIVE_MAX_USERS]:
         latencies, tokens = [], 0
         start = time.perf_counter()
         for prompt in (PROMPTS * 8)[:users]:  # one request after another
-            out = pipe([{"role": "user", "content": prompt}], max_new_tokens=args.tokens, do_sample=False,
-                       return_full_text=False)
-            tokens += len(tokenizer(out[0]["generated_text"], add_special_tokens=False).input_ids)
+            messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": prompt}]
+            out = pipe(messages, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
+                       return_tensors=True, return_full_text=False)
+            tokens += len(out[0]["generated_token_ids"])
             latencies.append(time.perf_counter() - start)
         elapsed = time.perf_counter() - start
         results[str(users)] = {"tok_s": tokens / elapsed, "p50": percentile(latencies, 0.5),
@@ -179,8 +183,9 @@ async def _queue(args: argparse.Namespace) -> dict[str, Any]:
     from storage.database import open_database
     from storage.jobs import NewJob, SqliteJobStore
 
+    batch = {"max_batch_size": args.max_batch} if args.max_batch else {}
     generator = TextGenerator("smollm2", quantization_mode=args.queue_mode, max_new_tokens=args.tokens,
-                              max_batch_size=args.max_batch, cache_dir=ROOT / "data" / "models")
+                              system_prompt=SYSTEM, cache_dir=ROOT / "data" / "models", ignore_eos=True, **batch)
     # Not loaded here: the warm-up job loads it on the lane's thread, as in the bot (torch
     # work on this main thread would keep an OpenMP team alive that slows the lane's).
     tmp = Path(tempfile.mkdtemp())
@@ -221,45 +226,8 @@ async def _queue(args: argparse.Namespace) -> dict[str, Any]:
                                "p95": percentile(latencies, 0.95), "tokens": tokens,
                                "lag_p99_ms": percentile(lags, 0.99) * 1000}
     await queue.stop()
-    return {"users": results, "peak_rss_mb": peak_rss_mb(), "mode": generator.mode}
-
-
-def section_cb(args: argparse.Namespace) -> dict[str, Any]:
-    """transformers' continuous batching (requests join/leave the running batch every step)
-    against one batched generate() call, same prompts, same model, fp32.
-
-    The manager runs its own thread, so torch work is kept off this one: a second live OpenMP
-    team would slow both (see ``generators.queue.run_in_fresh_thread``)."""
-    from transformers import GenerationConfig
-
-    from generators.queue import run_in_fresh_thread
-
-    async def on_thread(fn: Any, *fn_args: Any) -> Any:
-        return await run_in_fresh_thread("bench", fn, *fn_args)
-
-    model, tokenizer = asyncio.run(on_thread(load_reference))
-    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=False) for p in PROMPTS]
-    ids = [tokenizer(c, add_special_tokens=False).input_ids for c in chats]
-    config = GenerationConfig(max_new_tokens=args.tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
-                              pad_token_id=tokenizer.pad_token_id)
-    model.generate_batch(ids[:2], generation_config=config)  # warm-up
-    start = time.perf_counter()
-    outputs = model.generate_batch(ids, generation_config=config)
-    cb_elapsed = time.perf_counter() - start
-    cb_tokens = sum(len(o.generated_tokens) for o in outputs.values())
-    tokenizer.padding_side = "left"
-    batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
-
-    def static() -> tuple[float, int]:
-        start = time.perf_counter()
-        out = model.generate(**batch, generation_config=config)
-        elapsed = time.perf_counter() - start
-        new = out[:, batch.input_ids.shape[1]:]
-        return elapsed, sum(int((row != tokenizer.pad_token_id).sum()) for row in new)
-
-    static_elapsed, static_tokens = asyncio.run(on_thread(static))
-    return {"cb_tok_s": cb_tokens / cb_elapsed, "static_tok_s": static_tokens / static_elapsed}
+    return {"users": results, "peak_rss_mb": peak_rss_mb(), "mode": generator.mode,
+            "max_batch": generator.max_batch_size}
 
 
 def section_vllm(args: argparse.Namespace) -> dict[str, Any]:
@@ -314,7 +282,8 @@ async def _vllm(args: argparse.Namespace) -> dict[str, Any]:
             stream = await client.chat.completions.create(
                 model="smollm2", messages=messages, max_tokens=args.tokens,  # type: ignore[arg-type]
                 temperature=0.0, top_p=DEFAULTS["top_p"], stream=True, stream_options={"include_usage": True},
-                extra_body={"top_k": DEFAULTS["top_k"], "repetition_penalty": DEFAULTS["repetition_penalty"]})
+                extra_body={"top_k": DEFAULTS["top_k"], "repetition_penalty": DEFAULTS["repetition_penalty"],
+                            "ignore_eos": True})
             tokens = 0
             async for chunk in stream:
                 if chunk.usage is not None:
@@ -323,7 +292,7 @@ async def _vllm(args: argparse.Namespace) -> dict[str, Any]:
 
         tmp = Path(tempfile.mkdtemp())
         generator = OpenAITextGenerator(url, None, "smollm2", max_new_tokens=args.tokens, concurrency=64,
-                                        system_prompt=SYSTEM)
+                                        system_prompt=SYSTEM, extra_body={"ignore_eos": True})
         registry = ModelRegistry({"text": lambda _n: generator}, {"text": "smollm2"}, budget_bytes=2**34)
         queue = GenerationQueue(SqliteJobStore(open_database(tmp / "bench.sqlite3")), registry,
                                 QueueConfig(artifacts_dir=tmp / "a", max_pending_per_user=100))
@@ -358,8 +327,7 @@ async def _vllm(args: argparse.Namespace) -> dict[str, Any]:
         server.wait(30)
 
 
-SECTIONS = {"quality": section_quality, "naive": section_naive, "queue": section_queue, "cb": section_cb,
-            "vllm": section_vllm}
+SECTIONS = {"quality": section_quality, "naive": section_naive, "queue": section_queue, "vllm": section_vllm}
 
 
 def run_child(section: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -373,17 +341,26 @@ def run_child(section: str, args: argparse.Namespace) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
+    except OSError:
+        return "unknown CPU"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--section", choices=list(SECTIONS))
     parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--users", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--users", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--modes", nargs="+",
                         default=["none", "bf16", "fp16-weights", "int8-dynamic", "bnb-8bit", "bnb-4bit"])
     parser.add_argument("--queue-mode", default="auto", help="quantization mode of the queue run")
     parser.add_argument("--quick", action="store_true", help="16 tokens, modes none, bf16 and fp16-weights")
     parser.add_argument("--vllm-dtype", default="bfloat16", help="the vLLM server's --dtype")
-    parser.add_argument("--max-batch", type=int, default=8, help="the queue's text batch size (AIGC_TEXT_MAX_BATCH)")
+    parser.add_argument("--max-batch", type=int, default=0,
+                        help="the queue's text batch size (AIGC_TEXT_MAX_BATCH); 0: the bot's default")
     parser.add_argument("--no-vllm", action="store_true", help="leave out the vLLM rows")
     args = parser.parse_args()
     if args.section:
@@ -391,44 +368,58 @@ def main() -> None:
         return
     if args.quick:
         args.tokens, args.modes = 16, ["none", "bf16", "fp16-weights"]
-    print(f"SmolLM2-135M-Instruct, {len(PROMPTS)} prompts, {args.tokens} new tokens, greedy, "
-          f"{os.cpu_count()} CPU threads\n")
+    print(f"{cpu_name()}, {os.cpu_count()} CPU threads. SmolLM2-135M-Instruct, {len(PROMPTS)} prompts cycled, "
+          f"exactly {args.tokens} new tokens per request (end of text ignored), greedy, repetition penalty "
+          f"1.1, every user submitting at once\n")
     quality = run_child("quality", args)
     print(f"CPU native bf16: {quality['cpu_native_bf16']}; policy picks '{quality['auto_mode']}' on this CPU\n")
-    print("| mode | next-token agreement with fp32 | held-out perplexity | batch-8 tokens/s |")
+    print("| mode | next-token agreement with fp32 | held-out perplexity | batch-8 tokens/s (generate) |")
     print("|---|---|---|---|")
     for row in quality["rows"]:
         if "error" in row:
             print(f"| {row['mode']} | n/a ({row['error']}) | | |")
         else:
             print(f"| {row['mode']} | {row['agreement']:.1%} | {row['perplexity']:.2f} | {row['batch8_tok_s']:.1f} |")
-    cb = run_child("cb", args)
-    print(f"\nbatching 8 prompts, fp32: one generate() call {cb['static_tok_s']:.1f} tokens/s; "
-          f"transformers continuous batching {cb['cb_tok_s']:.1f} tokens/s")
     naive = run_child("naive", args)
     queue = run_child("queue", args)
-    print(f"\nqueue mode: {queue['mode']}\n")
-    print("| setup | users | tokens/s | p50 latency s | p95 latency s | peak RSS MB | loop lag p99 ms | speed-up |")
-    print("|---|---|---|---|---|---|---|---|")
+    vllm = {} if args.no_vllm else run_child("vllm", args)
+    rows: list[tuple[str, dict[str, Any] | None]] = []
+    print("\n| setup | users | tokens | tokens/s | p50 latency s | p95 latency s |")
+    print("|---|---|---|---|---|---|")
     for users in map(str, args.users):
-        n, q = naive["users"][users], queue["users"][users]
-        print(f"| naive pipeline fp32, sequential | {users} | {n['tok_s']:.1f} | {n['p50']:.2f} | {n['p95']:.2f} "
-              f"| {naive['peak_rss_mb']:.0f} | – | 1.0× |")
-        print(f"| aigc-bot queue ({queue['mode']}, batched) | {users} | {q['tok_s']:.1f} | {q['p50']:.2f} "
-              f"| {q['p95']:.2f} | {queue['peak_rss_mb']:.0f} | {q['lag_p99_ms']:.1f} "
-              f"| {q['tok_s'] / n['tok_s']:.1f}× |")
-    if args.no_vllm:
-        return
-    vllm = run_child("vllm", args)
-    print(f"\nvLLM CPU ({args.vllm_dtype}), streamed, all users at once\n")
-    print("| setup | users | tokens | tokens/s | p50 latency s | p95 latency s | bot's overhead |")
-    print("|---|---|---|---|---|---|---|")
-    for users in map(str, args.users):
-        d, b = vllm["direct"][users], vllm["bot"][users]
-        print(f"| vLLM called directly | {users} | {d['tokens']} | {d['tok_s']:.1f} | {d['p50']:.2f} "
-              f"| {d['p95']:.2f} | – |")
-        print(f"| aigc-bot queue → vLLM (openai backend) | {users} | {b['tokens']} | {b['tok_s']:.1f} | {b['p50']:.2f} "
-              f"| {b['p95']:.2f} | {1 - b['tok_s'] / d['tok_s']:.1%} |")
+        rows = [("naive pipeline, fp32, one request after another", naive["users"].get(users)),
+                (f"aigc-bot queue, embedded engine ({queue['mode']}, up to {queue['max_batch']} rows)",
+                 queue["users"][users])]
+        if vllm:
+            rows += [(f"vLLM CPU ({args.vllm_dtype}) called directly", vllm["direct"][users]),
+                     ("aigc-bot queue → vLLM (openai backend)", vllm["bot"][users])]
+        for name, r in rows:
+            if r is None:
+                print(f"| {name} | {users} | – | – | – | – |")
+            else:
+                print(f"| {name} | {users} | {r['tokens']} | {r['tok_s']:.1f} | {r['p50']:.2f} | {r['p95']:.2f} |")
+    print(f"\npeak RSS: naive {naive['peak_rss_mb']:.0f} MB, queue {queue['peak_rss_mb']:.0f} MB; "
+          f"event-loop lag p99 while the queue generates: "
+          + ", ".join(f"{u} users {q['lag_p99_ms']:.1f} ms" for u, q in queue["users"].items()))
+    verdicts = []
+    q = {int(u): r["tok_s"] for u, r in queue["users"].items()}
+    if 8 in q and 32 in q:
+        verdicts.append(f"embedded queue, 32 vs 8 users: {q[32] / q[8]:.2f}× (goal ≥ 2×)")
+    mode = next((r for r in quality["rows"] if r["mode"] == queue["mode"] and "error" not in r), None)
+    fp32 = next((r for r in quality["rows"] if r["mode"] == "none" and "error" not in r), None)
+    if mode and fp32:
+        verdicts.append(f"embedded queue's mode {queue['mode']}: next-token agreement {mode['agreement']:.1%} "
+                        f"(goal ≥ 90 %), perplexity {mode['perplexity'] / fp32['perplexity'] - 1:+.1%} vs fp32 "
+                        f"(goal within 5 %)")
+    if vllm:
+        d = {int(u): r["tok_s"] for u, r in vllm["direct"].items()}
+        b = {int(u): r["tok_s"] for u, r in vllm["bot"].items()}
+        if 8 in q:
+            verdicts.append(f"embedded queue vs vLLM at 8 users: {q[8]:.1f} vs {d[8]:.1f} tokens/s "
+                            f"({q[8] / d[8]:.2f}×, goal ≥ 1×)")
+        verdicts.append("bot's overhead over vLLM called directly: "
+                        + ", ".join(f"{u} users {1 - b[u] / d[u]:.1%}" for u in sorted(d)) + " (goal ≤ 10 %)")
+    print("\n" + "\n".join(f"- {v}" for v in verdicts))
 
 
 if __name__ == "__main__":

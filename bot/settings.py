@@ -96,7 +96,10 @@ class Settings(BaseSettings):
     )
     max_prompt_chars: int = Field(4000, ge=1, le=100_000, validation_alias=_env("AIGC_MAX_PROMPT_CHARS"))
     max_new_tokens: int = Field(256, ge=1, le=4096, validation_alias=_env("AIGC_MAX_NEW_TOKENS"))
-    text_max_batch: int = Field(8, ge=1, le=64, validation_alias=_env("AIGC_TEXT_MAX_BATCH"))
+    text_max_batch: int = Field(
+        32, ge=1, le=256, validation_alias=_env("AIGC_TEXT_MAX_BATCH"),
+        description="Text jobs decoded together by the embedded model (they join and leave between steps).",
+    )
     model_memory_budget_mb: int = Field(
         8192, ge=64, validation_alias=_env("AIGC_MODEL_MEMORY_MB"),
         description="Resident models are evicted (least recently used first) above this.",

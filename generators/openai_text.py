@@ -57,7 +57,9 @@ class OpenAITextGenerator(Generator):
     def __init__(self, base_url: str, api_key: str | None, model: str | None = None, *,
                  system_prompt: str = "You are a helpful assistant.", max_new_tokens: int = 256,
                  max_prompt_chars: int = 4000, concurrency: int = 32, timeout_s: float = 60.0,
-                 flavour: str = "auto") -> None:
+                 flavour: str = "auto", extra_body: dict[str, Any] | None = None) -> None:
+        """``extra_body``: fields of the server's own sent with every request (benchmarks send
+        vLLM's ``ignore_eos``, so every answer is exactly ``max_tokens`` long)."""
         self.base_url = base_url.rstrip("/")
         self.api_key = api_key or "none"  # vLLM and llama.cpp take any key when none is configured
         self.model_name = model
@@ -67,6 +69,7 @@ class OpenAITextGenerator(Generator):
         self.concurrency = concurrency
         self.timeout_s = timeout_s
         self.flavour = flavour
+        self.extra_body = dict(extra_body or {})
         self.client: openai.OpenAI | None = None
         #: The model's context length when the server says (vLLM's ``max_model_len``).
         self.context_tokens: int | None = None
@@ -192,7 +195,7 @@ class OpenAITextGenerator(Generator):
         if params.get("seed") is not None:
             arguments["seed"] = params["seed"]
         known = FLAVOURS.get(self.flavour, {})
-        extra = {}
+        extra = dict(self.extra_body)
         for option in ("top_k", "repetition_penalty"):
             if option in known:
                 extra[known[option]] = params[option]
