@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import importlib.metadata
 import importlib.util
+import logging
 import os
 import shutil
 import subprocess
@@ -72,6 +73,9 @@ def add_doctor_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) 
 
 
 def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
+    # discord.py warns about voice and intents of a gateway client; the login makes none, and
+    # the screen says what matters.
+    logging.getLogger("discord").setLevel(logging.ERROR)
     report = diagnose(settings)
     print(report.render(), flush=True)
     for problem in report.problems:
@@ -394,7 +398,7 @@ def _discord(report: Report, settings: Settings) -> None:
             if application_id is not None and login.application_id not in (None, application_id):
                 report.problem(f"DISCORD_APPLICATION_ID={application_id} but the token belongs to application "
                                f"{login.application_id}", f"set DISCORD_APPLICATION_ID={login.application_id}")
-            application_id = application_id or login.application_id
+            application_id = login.application_id or application_id  # the token's own application
             if settings.discord_message_content and not login.message_content_allowed:
                 report.problem("DISCORD_MESSAGE_CONTENT=true but the application's Message Content intent is off "
                                "(the gateway would refuse to connect)",
