@@ -55,7 +55,7 @@ def choose_mode(requested: str, device: str) -> str:
             if device != "cuda":
                 # bitsandbytes' kernels are CUDA's; on a CPU the load would fail (or crawl).
                 raise QuantizationError(f"{requested} needs a CUDA GPU (bitsandbytes), and this bot runs on the "
-                                        f"{device}: set AIGC_QUANTIZATION to auto, bf16, fp16-weights or none")
+                                        f"{device}: choose another AIGC_QUANTIZATION")
             _require_bitsandbytes()
         return requested
     if device == "cuda":

@@ -70,18 +70,20 @@ def test_broken_setup_one_line_per_problem(tmp_path: Path) -> None:
     (tmp_path / "plainfile").write_text("x")
     proc = _doctor(tmp_path, AIGC_QUANTIZATION="bnb-4bit", AIGC_TEXT_MODEL="someorg/model-not-cached",
                    AIGC_SPEECH_MODEL=str(tmp_path / "no-such-voice-model"),
+                   AIGC_DIFFUSION_MODEL="someorg/sd-not-cached",
                    AIGC_DATA_DIR=str(tmp_path / "plainfile" / "data"))
     assert proc.returncode == 1
     lines = proc.stderr.splitlines()
-    assert len(lines) == 4, proc.stderr
+    assert len(lines) == 5, proc.stderr
     assert all(line.startswith("error: ") and " — fix: " in line for line in lines)
-    text, mode, speech, data = (next(line for line in lines if word in line) for word in (
-        "AIGC_TEXT_MODEL", "bnb-4bit", "AIGC_SPEECH_MODEL", "AIGC_DATA_DIR"))
+    text, mode, speech, diffusion, data = (next(line for line in lines if word in line) for word in (
+        "AIGC_TEXT_MODEL", "bnb-4bit", "AIGC_SPEECH_MODEL", "AIGC_DIFFUSION_MODEL", "AIGC_DATA_DIR"))
+    assert "someorg/sd-not-cached" in diffusion and "hf download someorg/sd-not-cached" in diffusion
     assert "AIGC_TEXT_MODEL" in text and "not in the local Hugging Face cache" in text and "hf download" in text
     assert "bnb-4bit needs a CUDA GPU" in mode and "AIGC_QUANTIZATION" in mode
     assert "no-such-voice-model" in speech and "is not on this machine" in speech
     assert "is not a folder" in data
-    assert "4 problems" in proc.stdout
+    assert "5 problems" in proc.stdout
     assert _row(proc.stdout, "text").endswith("NOT FOUND")
 
 

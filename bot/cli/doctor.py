@@ -202,7 +202,7 @@ def _text(report: Report, settings: Settings, device: str) -> None:
     except QuantizationError as exc:
         report.row("text mode", f"cannot run ({why})")
         fix = ("install the cuda extra: make setup TORCH=cuda (or pip install 'aigc-bot[cuda]')"
-               if device == "cuda" else "set AIGC_QUANTIZATION=auto")
+               if device == "cuda" else "set AIGC_QUANTIZATION=auto (or bf16, fp16-weights, none)")
         report.problem(str(exc), fix)
         return
     report.row("text mode", f"{mode} on {device} ({why})")
@@ -261,6 +261,7 @@ def _digits_data() -> Path | None:
 def _diffusion(report: Report, settings: Settings) -> None:
     from generators.base import GeneratorError
     from generators.model_source import find_offline
+    from generators.quantization import QuantizationError
 
     model = settings.diffusion_model
     if not model:
@@ -281,7 +282,7 @@ def _diffusion(report: Report, settings: Settings) -> None:
 
     try:
         generator = make_registry(settings).get("image", "diffusion")  # the bot's own wiring; loads nothing
-    except GeneratorError as exc:
+    except (GeneratorError, QuantizationError) as exc:
         report.problem(f"diffusion: {exc}", "see docs/gpu.md")
         return
     assert isinstance(generator, DiffusionGenerator)
