@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from bot.cli.doctor import has_kernels_for
 from bot.discord.account import BOT_PERMISSIONS
 from generators.quantization import choose_mode
 from tests.fakediscord import FakeDiscord
@@ -131,3 +132,18 @@ def test_doctor_is_listed_in_the_help() -> None:
     proc = subprocess.run([sys.executable, "-m", "bot.cli", "--help"], env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=60)
     assert "doctor" in proc.stdout
+
+
+@pytest.mark.parametrize(("capability", "expected"), [
+    ((8, 9), True),  # Ada runs the sm_86 machine code
+    ((8, 0), True),
+    ((9, 0), True),
+    ((12, 0), True),
+    ((7, 5), False),  # Turing: nothing built for it, and no PTX older than 8.0
+    ((6, 1), False),
+])
+def test_kernels_for_a_card(capability: tuple[int, int], expected: bool) -> None:
+    # The arch list shape of a CUDA 12.8+ build of torch that dropped the older cards.
+    archs = ["sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+    assert has_kernels_for(archs, *capability) is expected
+    assert has_kernels_for(["sm_75", "compute_75"], 8, 6)  # PTX is compiled for newer cards

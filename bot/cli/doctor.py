@@ -25,6 +25,7 @@ import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from bot.settings import Settings
 
@@ -68,8 +69,8 @@ class Report:
         return "\n".join(lines)
 
 
-def add_doctor_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    sub.add_parser("doctor", help="check the set-up: device, modes, models, disk, Discord token, invite URL")
+def add_doctor_parser(subparsers: Any) -> None:
+    subparsers.add_parser("doctor", help="check the set-up: device, modes, models, disk, Discord token, invite URL")
 
 
 def cmd_doctor(settings: Settings, args: argparse.Namespace) -> int:
@@ -121,7 +122,7 @@ def _device(report: Report, settings: Settings) -> str:
         _cuda_rows(report)
     else:
         report.row("CPU", f"native bf16: {_yes(cpu_has_native_bf16())}; fbgemm (fp16 weights): {_yes(has_fbgemm())}")
-        gpu = _nvidia_gpu()
+        gpu = None if torch.cuda.is_available() else _nvidia_gpu()
         if gpu and not torch.version.cuda:
             report.note(f"nvidia-smi sees {gpu}, but torch is a CPU build: `make setup TORCH=cuda` installs the "
                         "CUDA build and bitsandbytes")
@@ -143,9 +144,27 @@ def _cuda_rows(report: Report) -> None:
     free, total = torch.cuda.mem_get_info(index)
     report.row("VRAM", f"{free / GIB:.1f} GiB free of {total / GIB:.1f} GiB")
     archs = torch.cuda.get_arch_list()
-    if archs and arch not in archs and f"compute_{major}{minor}" not in archs:
+    if archs and not has_kernels_for(archs, major, minor):
         report.problem(f"this torch build has no kernels for {arch} (it has {', '.join(archs)})",
                        "install a torch build for this card (see docs/gpu.md, TORCH_INDEX)")
+
+
+def has_kernels_for(archs: list[str], major: int, minor: int) -> bool:
+    """Whether a torch build compiled for ``archs`` (``torch.cuda.get_arch_list()``) runs on a
+    card of compute capability major.minor: machine code for sm_XY runs on X.Y and later minors
+    of the same major (an sm_86 build runs on an sm_89 card); PTX (compute_XY) is compiled by
+    the driver for any card from X.Y on."""
+    for arch in archs:
+        kind, _, number = arch.partition("_")
+        digits = number.rstrip("af")  # sm_90a, sm_100f: feature-specific variants
+        if not digits.isdigit() or len(digits) < 2:
+            continue
+        built = (int(digits[:-1]), int(digits[-1]))
+        if kind == "sm" and built[0] == major and built[1] <= minor:
+            return True
+        if kind == "compute" and built <= (major, minor):
+            return True
+    return False
 
 
 def _nvidia_gpu() -> str | None:
