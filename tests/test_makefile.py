@@ -81,7 +81,8 @@ def test_an_index_that_does_not_answer_is_left_out(tmp_path: Path) -> None:
 
 
 def test_the_torch_setting_overrides_the_guess(tmp_path: Path) -> None:
-    assert _plan(tmp_path, GPU, "TORCH=cpu").stdout.startswith("torch: cpu build (TORCH=cpu)")
+    # TORCH_INDEX empty: no probe of PyTorch's index from a test.
+    assert _plan(tmp_path, GPU, "TORCH=cpu", "TORCH_INDEX=").stdout.startswith("torch: cpu build (TORCH=cpu)")
     assert _plan(tmp_path, NO_GPU, "TORCH=cuda").stdout.startswith("torch: cuda build (TORCH=cuda)")
     bad = _plan(tmp_path, GPU, "TORCH=gpu")
     assert bad.returncode != 0
