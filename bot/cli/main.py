@@ -29,6 +29,7 @@ from bot.cli.args import (
     place,
     visible_text,
 )
+from bot.cli.doctor import add_doctor_parser, cmd_doctor
 from bot.cli.schedule import add_schedule_parser, cmd_schedule
 from bot.cli.train import add_train_parser, cmd_train
 from bot.core.invocation import local_user
@@ -103,6 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     cancel.add_argument("job_id", type=JOB_ID)
     add_schedule_parser(sub)
     add_train_parser(sub)
+    add_doctor_parser(sub)
     return parser
 
 
@@ -268,6 +270,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "jobs": cmd_jobs,
     "schedule": cmd_schedule,
     "train": cmd_train,
+    "doctor": cmd_doctor,
 }
 
 if __name__ == "__main__":
