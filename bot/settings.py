@@ -101,6 +101,12 @@ class Settings(BaseSettings):
         8192, ge=64, validation_alias=_env("AIGC_MODEL_MEMORY_MB"),
         description="Resident models are evicted (least recently used first) above this.",
     )
+    gpu_memory_budget_mb: int | None = Field(
+        None, ge=64, validation_alias=_env("AIGC_GPU_MEMORY_BUDGET_MB"),
+        description="With models on a CUDA GPU: the GPU memory every loaded model of every kind shares; idle "
+        "models are unloaded (least recently used first) before a load that would not fit. "
+        "Unset: the GPU's memory less 10 % (at least 1 GiB) for activations.",
+    )
 
     # --- images and audio ----------------------------------------------------------------------
     image_model: str = Field(
