@@ -326,7 +326,7 @@ def finetune_settings(settings: Settings) -> FinetuneSettings:
     from jobs.finetune import FinetuneSettings  # imports torch: only when training is wanted
 
     return FinetuneSettings(versions_dir=settings.versions_dir, text_model=settings.text_model,
-                            cache_dir=settings.models_dir)
+                            cache_dir=settings.models_dir, device=settings.device)
 
 
 def load_settings(**overrides: object) -> Settings:
