@@ -63,6 +63,8 @@ class DeviceMemory:
     @property
     def on_gpu(self) -> bool:
         if self._cuda is None:
+            if "torch" not in sys.modules:
+                return False  # no model has imported torch, so none is on a GPU (remote backends)
             import torch
 
             self._cuda = torch.cuda.is_available()

@@ -194,7 +194,7 @@ class ModelRegistry:
             gc.unfreeze()
             generator.unload()
             total -= size
-            log.info("unloaded %s:%s (%.0f MB) to stay within the %s budget", *key, size / 2**20, self.memory.what)
+            log.info("unloaded %s:%s (%.0f MB) to make room in %s", *key, size / 2**20, self.memory.what)
 
     def _size_locked(self, key: Key) -> int:
         return self.memory.size(self._resident[key], self._measured.get(key, 0))
