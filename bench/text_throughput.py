@@ -95,6 +95,45 @@ def load_reference() -> tuple[Any, Any]:
     return AutoModelForCausalLM.from_pretrained(folder), AutoTokenizer.from_pretrained(folder)
 
 
+def chat_batch(tokenizer: Any) -> Any:
+    """The eight PROMPTS as one left-padded batch in the chat template."""
+    tokenizer.padding_side = "left"
+    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
+                                           tokenize=False) for p in PROMPTS]
+    return tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+
+
+def next_token_quality(model: Any, ids: Any, reference_next: Any) -> tuple[float, float]:
+    """(agreement, perplexity) on held-out ``ids`` (teacher-forced): the share of positions
+    where ``model``'s next token is the reference's, and exp(mean NLL) of the true next tokens."""
+    import torch
+
+    ids = ids.to(model.device)
+    with torch.inference_mode():
+        logits = model(ids).logits[0, :-1].float()
+    nll = torch.nn.functional.cross_entropy(logits, ids[0, 1:])
+    agreement = (logits.argmax(-1) == reference_next.to(logits.device)).float().mean().item()
+    return agreement, math.exp(nll.item())
+
+
+def batch_tokens_per_s(model: Any, tokenizer: Any, batch: Any, tokens: int) -> float:
+    """Greedy generation speed of one batch, exactly ``tokens`` new tokens a row, after a warm-up."""
+    import torch
+
+    batch = batch.to(model.device)
+    with torch.inference_mode():
+        model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        out = model.generate(**batch, max_new_tokens=tokens, min_new_tokens=tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+    return (out.shape[1] - batch["input_ids"].shape[1]) * batch["input_ids"].shape[0] / elapsed
+
+
 # --- sections (each runs in a child process) --------------------------------------------------
 def section_quality(args: argparse.Namespace) -> dict[str, Any]:
     import copy
@@ -109,11 +148,7 @@ def section_quality(args: argparse.Namespace) -> dict[str, Any]:
     with torch.inference_mode():
         ref_logits = reference(ids).logits[0, :-1].float()
     ref_next = ref_logits.argmax(-1)
-    targets = ids[0, 1:]
-    tokenizer.padding_side = "left"
-    chats = [tokenizer.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True,
-                                           tokenize=False) for p in PROMPTS]
-    batch = tokenizer(chats, return_tensors="pt", padding=True, add_special_tokens=False)
+    batch = chat_batch(tokenizer)
     rows = []
     for mode in args.modes:
         try:
@@ -132,18 +167,9 @@ def section_quality(args: argparse.Namespace) -> dict[str, Any]:
         except Exception as exc:  # e.g. bitsandbytes missing
             rows.append({"mode": mode, "error": f"{type(exc).__name__}: {exc}"[:80]})
             continue
-        with torch.inference_mode():
-            logits = model(ids).logits[0, :-1].float()
-            nll = torch.nn.functional.cross_entropy(logits, targets)
-            agreement = (logits.argmax(-1) == ref_next).float().mean().item()
-            model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-            start = time.perf_counter()
-            out = model.generate(**batch, max_new_tokens=args.tokens, min_new_tokens=args.tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id)
-            elapsed = time.perf_counter() - start
-        generated = (out.shape[1] - batch.input_ids.shape[1]) * len(PROMPTS)
-        rows.append({"mode": mode, "agreement": agreement, "perplexity": math.exp(nll.item()),
-                     "batch8_tok_s": generated / elapsed})
+        agreement, perplexity = next_token_quality(model, ids, ref_next)
+        rows.append({"mode": mode, "agreement": agreement, "perplexity": perplexity,
+                     "batch8_tok_s": batch_tokens_per_s(model, tokenizer, batch, args.tokens)})
     return {"rows": rows, "cpu_native_bf16": quantization.cpu_has_native_bf16(),
             "auto_mode": quantization.choose_mode("auto", "cpu")}
 

@@ -104,6 +104,12 @@ class Settings(BaseSettings):
         8192, ge=64, validation_alias=_env("AIGC_MODEL_MEMORY_MB"),
         description="Resident models are evicted (least recently used first) above this.",
     )
+    gpu_memory_budget_mb: int | None = Field(
+        None, ge=64, validation_alias=_env("AIGC_GPU_MEMORY_BUDGET_MB"),
+        description="With models on a CUDA GPU: the GPU memory every loaded model of every kind shares; idle "
+        "models are unloaded (least recently used first) before a load that would not fit. "
+        "Unset: the GPU's memory less 10 % (at least 1 GiB) for activations.",
+    )
 
     # --- images and audio ----------------------------------------------------------------------
     image_model: str = Field(
@@ -323,7 +329,7 @@ def finetune_settings(settings: Settings) -> FinetuneSettings:
     from jobs.finetune import FinetuneSettings  # imports torch: only when training is wanted
 
     return FinetuneSettings(versions_dir=settings.versions_dir, text_model=settings.text_model,
-                            cache_dir=settings.models_dir)
+                            cache_dir=settings.models_dir, device=settings.device)
 
 
 def load_settings(**overrides: object) -> Settings:

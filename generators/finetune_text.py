@@ -1,10 +1,15 @@
-"""Fine-tuning the text model on a community's approved messages: LoRA, on the CPU.
+"""Fine-tuning the text model on a community's approved messages: LoRA on the CPU, QLoRA on CUDA.
 
 The recipe, in the order the code runs it:
 
 1. The base weights: the packaged SmolLM2 as ``TextGenerator`` converts it once into the
    model cache (safetensors), loaded in fp32. Training gets its own copy: the serving
-   model in the text lane is never touched.
+   model in the text lane is never touched. With CUDA and bitsandbytes (see
+   `generators.quantization.training_mode`) the base is loaded in 4-bit NF4 on the GPU
+   instead (QLoRA: computing in bf16 on Ampere and later, fp16 before), prepared with
+   peft's ``prepare_model_for_kbit_training`` (frozen, norms and embeddings in fp32), and
+   the optimiser is bitsandbytes' paged 8-bit AdamW. Everything else below is the same,
+   and so is the adapter it saves (fp32 LoRA weights, served on the CPU or the GPU alike).
 2. Packing: every message is tokenised, followed by EOS, and the stream is cut into
    fixed-length blocks (``block_size`` tokens), so no compute is spent on padding.
 3. Held-out perplexity of the base model (and of the serving adapter, when there is one).
@@ -122,9 +127,23 @@ class TextTuneResult:
 
 
 # --- the base model -------------------------------------------------------------------------
-def load_base(model: str = "smollm2", cache_dir: Path | None = None) -> tuple[Any, Any]:
-    """(model, tokenizer) in fp32 on the CPU: a local folder directly, otherwise through
-    ``TextGenerator``, which converts the packaged GGUF once into ``cache_dir``."""
+def load_base(model: str = "smollm2", cache_dir: Path | None = None, device: str = "cpu") -> tuple[Any, Any]:
+    """(model, tokenizer): in 4-bit on the GPU where `training_mode` says 'qlora', else in
+    fp32 on ``device``. A local folder is loaded directly, otherwise through ``TextGenerator``,
+    which converts the packaged GGUF once into ``cache_dir``."""
+    from generators.quantization import QuantizationError, resolve_device, training_mode
+
+    try:
+        mode, target = training_mode(device), resolve_device(device)
+    except QuantizationError as exc:
+        raise GeneratorError(str(exc)) from None
+    if mode == "qlora":
+        return _load_qlora_base(model, cache_dir)
+    loaded, tokenizer = _load_fp32_base(model, cache_dir)
+    return (loaded.to(target) if target != "cpu" else loaded), tokenizer
+
+
+def _load_fp32_base(model: str, cache_dir: Path | None) -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from generators.text import TextGenerator
@@ -140,6 +159,51 @@ def load_base(model: str = "smollm2", cache_dir: Path | None = None) -> tuple[An
         generator.unload()  # the generator lets go; we keep the only reference
     loaded.float().eval()
     return loaded, tokenizer
+
+
+def _load_qlora_base(model: str, cache_dir: Path | None) -> tuple[Any, Any]:
+    """The base in 4-bit NF4 on GPU 0 (bitsandbytes quantizes it while loading safetensors)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from generators.quantization import qlora_load_kwargs
+
+    location = _weights_location(model, cache_dir)
+    tokenizer = AutoTokenizer.from_pretrained(location)
+    loaded = AutoModelForCausalLM.from_pretrained(location, **qlora_load_kwargs(torch.cuda.get_device_capability()))
+    loaded.eval()
+    return loaded, tokenizer
+
+
+def _weights_location(model: str, cache_dir: Path | None) -> str:
+    """A folder or hub id that ``from_pretrained`` quantizes on load: bitsandbytes cannot
+    quantize a GGUF as it is read, so the packaged model's cached safetensors conversion."""
+    from generators.text import TextGenerator
+
+    folder = Path(model).expanduser()
+    if folder.is_dir() and (folder / "config.json").exists():
+        return str(folder)
+    generator = TextGenerator(model, quantization_mode="none", device="cpu", cache_dir=cache_dir)
+    source = generator.resolve()
+    if not source.gguf_file:
+        return source.location
+    converted = generator.converted_folder()
+    if converted is None:
+        generator.load()  # converts the GGUF once into the cache (packaged model, cache_dir set)
+        generator.unload()
+        converted = generator.converted_folder()
+    if converted is None:
+        raise GeneratorError(f"cannot fine-tune {model!r} in 4-bit: it is a GGUF file and there is no model "
+                             "cache (AIGC_MODEL_CACHE) to convert it into")
+    return str(converted)
+
+
+def _device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def _quantized(model: Any) -> bool:
+    """A base loaded by bitsandbytes (QLoRA)."""
+    return bool(getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False))
 
 
 # --- data -----------------------------------------------------------------------------------
@@ -185,9 +249,10 @@ def perplexity(model: Any, blocks: torch.Tensor, micro_blocks: int = 4) -> float
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
+    device = _device(model)
     try:
         for start in range(0, blocks.shape[0], micro_blocks):
-            batch = blocks[start:start + micro_blocks]
+            batch = blocks[start:start + micro_blocks].to(device)
             logits = model(input_ids=batch).logits[:, :-1].float()
             targets = batch[:, 1:]
             loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
@@ -246,13 +311,20 @@ def _tune(model: Any, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, out
     )
     torch.manual_seed(config.seed)
     use_cache = getattr(model.config, "use_cache", None)
+    quantized = _quantized(model)
+    if quantized:
+        from peft import prepare_model_for_kbit_training
+
+        # Freezes the base and keeps norms and embeddings in fp32. Checkpointing stays ours
+        # (below, trained layers only): peft's would run backward through every frozen layer.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     peft_model = get_peft_model(model, lora)
     partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
     try:
         if config.gradient_checkpointing:
             model.config.use_cache = False
             _checkpoint_layers([layers[i] for i in (trained or range(len(layers)))], True)
-        stats = _train(peft_model, train_blocks, config, report, stop, clock)
+        stats = _train(peft_model, train_blocks, config, report, stop, clock, paged_8bit=quantized)
         report(0.92, "measuring the candidate")
         ppl_candidate = perplexity(peft_model, eval_blocks, config.micro_blocks)
         ppl_reference = None
@@ -273,7 +345,9 @@ def _tune(model: Any, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, out
         shutil.rmtree(partial, ignore_errors=True)
         peft_model.save_pretrained(str(partial))
         (partial / TRAINING_FILE).write_text(json.dumps(
-            {"hyperparams": config.to_json(), "metrics": result.metrics(), **(extra or {})}, indent=2))
+            {"hyperparams": config.to_json(), "metrics": result.metrics(),
+             "base": {"mode": "qlora" if quantized else "fp32", "device": str(_device(model))}, **(extra or {})},
+            indent=2))
         partial.rename(out_dir)  # the version folder is complete, or absent
         report(1.0, f"perplexity {ppl_base:.1f} → {ppl_candidate:.1f}")
         return result
@@ -288,10 +362,17 @@ def _tune(model: Any, train_blocks: torch.Tensor, eval_blocks: torch.Tensor, out
 
 
 def _train(model: Any, blocks: torch.Tensor, config: TextTuneConfig, report: ProgressFn, stop: StopFn,
-           clock: Callable[[], float]) -> dict[str, Any]:
-    """The loop. Returns steps, tokens, seconds, the last step's loss and why it stopped."""
+           clock: Callable[[], float], *, paged_8bit: bool = False) -> dict[str, Any]:
+    """The loop. Returns steps, tokens, seconds, the last step's loss and why it stopped.
+    ``paged_8bit``: bitsandbytes' paged 8-bit AdamW (QLoRA), whose state can spill to host memory."""
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    if paged_8bit:
+        import bitsandbytes as bnb
+
+        optimizer = bnb.optim.PagedAdamW8bit(params, lr=config.lr, weight_decay=config.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    device = _device(model)
     n = blocks.shape[0]
     batch = min(config.batch_blocks, n)
     micro = min(config.micro_blocks, batch)
@@ -322,7 +403,7 @@ def _train(model: Any, blocks: torch.Tensor, config: TextTuneConfig, report: Pro
         step_loss = 0.0
         for start in range(0, batch, micro):
             _check_stop(stop)
-            x = blocks[indexes[start:start + micro]]
+            x = blocks[indexes[start:start + micro]].to(device)
             loss = model(input_ids=x, labels=x).loss * (x.shape[0] / batch)
             loss.backward()
             step_loss += float(loss.detach())
@@ -382,12 +463,13 @@ def finetune_text(texts: Sequence[str], held_out: Sequence[str], out_dir: Path |
                   base: tuple[Any, Any] | None = None, model: str = "smollm2", cache_dir: Path | None = None,
                   config: TextTuneConfig = TextTuneConfig(), reference_adapter: Path | str | None = None,
                   on_progress: ProgressFn | None = None, should_stop: StopFn | None = None,
-                  extra: dict[str, Any] | None = None) -> TextTuneResult:
+                  extra: dict[str, Any] | None = None, device: str = "cpu") -> TextTuneResult:
     """Pack the texts, train, evaluate, save: see the module docstring. ``base`` is a loaded
-    (model, tokenizer) to reuse; otherwise ``model`` is loaded with ``load_base``."""
+    (model, tokenizer) to reuse; otherwise ``model`` is loaded with ``load_base`` (on
+    ``device``: 'auto' trains QLoRA where CUDA and bitsandbytes are)."""
     if not texts or not held_out:
         raise GeneratorError("need texts to train on and held-out texts to evaluate on")
-    lm, tokenizer = base if base is not None else load_base(model, cache_dir)
+    lm, tokenizer = base if base is not None else load_base(model, cache_dir, device)
     train_blocks = pack(tokenizer, texts, config.block_size)
     eval_blocks = pack(tokenizer, held_out, config.block_size)
     log.info("fine-tuning on %d blocks of %d tokens, evaluating on %d", train_blocks.shape[0],

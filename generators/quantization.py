@@ -171,3 +171,33 @@ def _require_bitsandbytes() -> None:
             "bitsandbytes modes need the package: pip install 'aigc-bot[cuda]' "
             f"({type(exc).__name__})"
         ) from None
+
+
+# --- fine-tuning: QLoRA on CUDA (kept apart from the serving modes above) -------------------------
+def qlora_compute_dtype(capability: tuple[int, int]) -> torch.dtype:
+    """The dtype a 4-bit base computes in while training: bf16 where the GPU has it natively
+    (compute capability 8.0, Ampere, and later), else fp16."""
+    return torch.bfloat16 if capability >= (8, 0) else torch.float16
+
+
+def training_mode(device: str) -> str:
+    """How the nightly fine-tune holds its base model: 'qlora' (4-bit NF4 base on CUDA, paged
+    8-bit AdamW) with CUDA and bitsandbytes, 'fp32' otherwise (on CUDA without bitsandbytes,
+    or on the CPU). Raises QuantizationError for AIGC_DEVICE=cuda without a GPU."""
+    if resolve_device(device) != "cuda":
+        return "fp32"
+    try:
+        _require_bitsandbytes()
+    except QuantizationError:
+        return "fp32"
+    return "qlora"
+
+
+def qlora_load_kwargs(capability: tuple[int, int]) -> dict[str, Any]:
+    """``from_pretrained`` arguments of a QLoRA base: NF4 with double quantization, on GPU 0."""
+    from transformers import BitsAndBytesConfig
+
+    dtype = qlora_compute_dtype(capability)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=dtype)
+    return {"quantization_config": config, "dtype": dtype, "device_map": {"": 0}}

@@ -560,8 +560,8 @@ class GenerationQueue:
         return started
 
     def _generate(self, kind: str, model: str, requests: list[Request]) -> list[Result]:
-        with self.registry.acquire(kind, model) as generator:
-            results = generator.generate(requests)
+        # Running out of GPU memory frees idle models and retries once, then fails the jobs.
+        results = self.registry.run(kind, model, lambda generator: generator.generate(requests))
         if len(results) != len(requests):
             raise GeneratorError("the generator returned the wrong number of results")
         return results

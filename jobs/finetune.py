@@ -97,6 +97,7 @@ class FinetuneSettings:
     versions_dir: Path
     text_model: str = "smollm2"
     cache_dir: Path | None = None
+    device: str = "cpu"  # AIGC_DEVICE: 'auto' or 'cuda' train QLoRA where CUDA and bitsandbytes are
     text: TextTuneConfig = field(default_factory=TextTuneConfig)
     image: ImageTuneConfig = field(default_factory=ImageTuneConfig)
     gate: GateConfig = field(default_factory=GateConfig)
@@ -217,7 +218,7 @@ class FinetuneRunner:
         result = finetune_text(
             texts, held, out_dir, base=base, model=self.settings.text_model, cache_dir=self.settings.cache_dir,
             config=self._text_config(max_seconds), reference_adapter=current.path if current else None,
-            on_progress=report, should_stop=should_stop,
+            on_progress=report, should_stop=should_stop, device=self.settings.device,
             extra={"guild": snapshot.guild, "version": version_id, "data": snapshot.to_json()})
         gate = replace(self.settings.gate, metric="perplexity")
         name = f"version {current.id}" if current else "the base model"

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import io
-import json
-import string
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
@@ -15,6 +12,7 @@ from PIL import Image
 
 from generators.base import Cancelled, GeneratorError, Request
 from generators.image_post import png_metadata
+from tests.tiny_diffusion import build_tiny_sd_pipeline
 
 diffusers = pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
 
@@ -29,81 +27,10 @@ def _one_thread() -> Iterator[None]:
     torch.set_num_threads(before)
 
 
-def _tiny_tokenizer(folder: Path):
-    """A CLIP BPE tokenizer over single characters: buildable offline, good enough here."""
-    from transformers import CLIPTokenizer
-
-    vocab: dict[str, int] = {}
-    for token in ["<|startoftext|>", "<|endoftext|>", "!"]:
-        vocab[token] = len(vocab)
-    for ch in string.ascii_lowercase + string.digits:
-        vocab[ch] = len(vocab)
-        vocab[ch + "</w>"] = len(vocab)
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
-    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
-    return tokenizer, len(vocab)
-
-
 @pytest.fixture(scope="module")
 def tiny_pipeline(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Save a randomly initialised, very small SD pipeline and return its folder."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    root = tmp_path_factory.mktemp("tiny-sd")
-    tokenizer, vocab_size = _tiny_tokenizer(root / "tok-src")
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(
-        sample_size=8,
-        in_channels=4,
-        out_channels=4,
-        block_out_channels=(8, 16),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=8,
-        attention_head_dim=2,
-        norm_num_groups=4,
-    )
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-        block_out_channels=(8, 16),
-        latent_channels=4,
-        norm_num_groups=4,
-        sample_size=16,
-    )
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=vocab_size,
-            hidden_size=8,
-            intermediate_size=16,
-            num_attention_heads=2,
-            num_hidden_layers=1,
-            max_position_embeddings=16,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
-    pipe = StableDiffusionPipeline(
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    folder = root / "pipeline"
-    pipe.save_pretrained(folder)
-    return str(folder)
+    return build_tiny_sd_pipeline(tmp_path_factory.mktemp("tiny-sd"))
 
 
 @pytest.fixture(scope="module")

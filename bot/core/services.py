@@ -131,7 +131,9 @@ def make_registry(settings: Settings, runner: Callable[[], FinetuneRunner] | Non
             return TrainingGenerator(runner())
 
         factories["training"] = training
-    return ModelRegistry(factories=factories, defaults=defaults, budget_bytes=settings.model_memory_budget_mb * 2**20)
+    gpu_budget = settings.gpu_memory_budget_mb * 2**20 if settings.gpu_memory_budget_mb else None
+    return ModelRegistry(factories=factories, defaults=defaults, budget_bytes=settings.model_memory_budget_mb * 2**20,
+                         device=settings.device, gpu_budget_bytes=gpu_budget)
 
 
 class Services:

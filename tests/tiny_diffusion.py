@@ -1,0 +1,88 @@
+"""A tiny Stable Diffusion pipeline built from configs and saved as a normal local folder.
+
+No Hub download: a CLIP tokenizer over single characters, a two-block UNet, a two-block VAE
+and a one-layer text encoder, randomly initialised. ``width`` scales every part (8 for the
+tests on the CPU; bench/gpu_check.py uses a wider one, so 4-bit layers have real work).
+"""
+
+from __future__ import annotations
+
+import json
+import string
+from pathlib import Path
+from typing import Any
+
+
+def _tiny_tokenizer(folder: Path) -> tuple[Any, int]:
+    """A CLIP BPE tokenizer over single characters: buildable offline, good enough here."""
+    from transformers import CLIPTokenizer
+
+    vocab: dict[str, int] = {}
+    for token in ["<|startoftext|>", "<|endoftext|>", "!"]:
+        vocab[token] = len(vocab)
+    for ch in string.ascii_lowercase + string.digits:
+        vocab[ch] = len(vocab)
+        vocab[ch + "</w>"] = len(vocab)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    tokenizer = CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=16)
+    return tokenizer, len(vocab)
+
+
+def build_tiny_sd_pipeline(root: Path, *, width: int = 8, sample_size: int = 8, seed: int = 0) -> str:
+    """Save a randomly initialised, very small SD pipeline under ``root``; return its folder."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer, vocab_size = _tiny_tokenizer(root / "tok-src")
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(width, 2 * width),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=width,
+        attention_head_dim=2,
+        norm_num_groups=4,
+    )
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(width, 2 * width),
+        latent_channels=4,
+        norm_num_groups=4,
+        sample_size=2 * sample_size,
+    )
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=vocab_size,
+            hidden_size=width,
+            intermediate_size=2 * width,
+            num_attention_heads=2,
+            num_hidden_layers=1,
+            max_position_embeddings=16,
+            bos_token_id=0,
+            eos_token_id=1,
+            pad_token_id=1,
+        )
+    )
+    pipe = StableDiffusionPipeline(
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    folder = root / "pipeline"
+    pipe.save_pretrained(folder)
+    return str(folder)
