@@ -204,22 +204,31 @@ class _QueueFeed(Feed):
     """A continuous batch's feed (called on the model thread): waiting jobs join through the
     loop, and each finished job is settled on the loop at once, while the batch runs on."""
 
-    JOIN_TIMEOUT_S = 10.0
+    JOIN_TIMEOUT_S = 30.0  # the loop claims the jobs in the database; it is never this slow unless closing
 
     def __init__(self, queue: GenerationQueue, run: _Run, loop: asyncio.AbstractEventLoop) -> None:
         self.queue, self.run, self.loop = queue, run, loop
+        self.handed: list[Request] = []  # every request the generator was given, and...
+        self.done: set[int] = set()  # ...the job ids of those it finished (model thread only)
+
+    def unfinished(self) -> list[Request]:
+        return [r for r in self.handed if r.job_id not in self.done]
 
     def take(self, limit: int) -> list[Request]:
         if not self.run.lane.waiting or limit <= 0:  # a racy read, fine: checked again on the loop
             return []
         future = asyncio.run_coroutine_threadsafe(self.queue._join(self.run, limit), self.loop)
         try:
-            return future.result(self.JOIN_TIMEOUT_S)
+            joined = future.result(self.JOIN_TIMEOUT_S)
         except (concurrent.futures.TimeoutError, RuntimeError):  # the loop is busy or closing
             future.cancel()
             return []
+        self.handed += joined
+        return joined
 
     def finish(self, request: Request, result: Result) -> None:
+        self.done.add(request.job_id)
+
         def settle() -> None:
             self.run.settling.append(asyncio.ensure_future(self.queue._finish_job(self.run, request, result, None)))
 
@@ -567,8 +576,9 @@ class GenerationQueue:
         return results
 
     def _serve(self, kind: str, model: str, requests: list[Request], feed: _QueueFeed) -> None:
-        with self.registry.acquire(kind, model) as generator:
-            generator.serve(requests, feed)
+        # Out of GPU memory: idle models are freed and the jobs not yet finished run once more.
+        feed.handed = list(requests)
+        self.registry.run(kind, model, lambda generator: generator.serve(feed.unfinished(), feed))
 
     async def _settle(self, record: JobRecord, request: Request, result: Result | None,
                       error: str | None) -> None:

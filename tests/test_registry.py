@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from generators.base import GeneratorError, Request, Result
+from generators.base import Feed, GeneratorError, Request
 from generators.device_memory import default_gpu_budget, is_out_of_memory
 from generators.queue import GenerationQueue, QueueConfig
 from generators.registry import ModelRegistry
@@ -95,11 +95,11 @@ class WatchedText(TextGenerator):
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
         super().load()
 
-    def generate(self, requests: list[Request]) -> list[Result]:
+    def serve(self, requests: list[Request], feed: Feed) -> None:
         if self.oom_generates:
             self.oom_generates -= 1
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB")
-        return super().generate(requests)
+        super().serve(requests, feed)
 
 
 @pytest.fixture(scope="module")
