@@ -112,11 +112,14 @@ def make_registry(settings: Settings, runner: Callable[[], FinetuneRunner] | Non
             if not settings.diffusion_model:
                 raise GeneratorError("the diffusion model is not configured on this bot (AIGC_DIFFUSION_MODEL)")
             from generators.diffusion import DiffusionGenerator
-            from generators.quantization import resolve_device
+            from generators.quantization import QuantizationError, diffusion_4bit, resolve_device
 
-            device = resolve_device(settings.device)
-            return DiffusionGenerator(settings.diffusion_model, device=device,
-                                      quantize_4bit=device == "cuda" and settings.quantization in ("auto", "bnb-4bit"))
+            try:  # the text policy: auto without bitsandbytes loads half precision, as text does
+                device = resolve_device(settings.device)
+                quantize_4bit = diffusion_4bit(settings.quantization, device)
+            except QuantizationError as exc:
+                raise GeneratorError(str(exc)) from None
+            return DiffusionGenerator(settings.diffusion_model, device=device, quantize_4bit=quantize_4bit)
         from generators.image_generator import ImageGenerator
 
         return ImageGenerator(model=model)
