@@ -106,8 +106,9 @@ class Settings(BaseSettings):
 
     # --- images and audio ----------------------------------------------------------------------
     image_model: str = Field(
-        "face", validation_alias=_env("AIGC_IMAGE_MODEL"),
-        description="Default /imagine model: face | fashion | digits | diffusion.",
+        "auto", validation_alias=_env("AIGC_IMAGE_MODEL"),
+        description="Default /imagine model: auto (the diffusion model when configured, else the embedded "
+        "model that knows what the prompt names) | face | fashion | digits | diffusion.",
     )
     diffusion_model: str | None = Field(
         None, validation_alias=_env("AIGC_DIFFUSION_MODEL"),

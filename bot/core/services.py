@@ -30,6 +30,7 @@ from bot.core.moderation import Moderation
 from bot.core.safety import RuleCache
 from bot.settings import SERVER_MODEL, Settings, finetune_settings, global_defaults, poster_options, queue_config
 from generators.base import Generator, GeneratorError
+from generators.image_models import AUTO, DIFFUSION
 from generators.queue import GenerationQueue
 from generators.registry import Factory, ModelRegistry
 from jobs.retention import Retention
@@ -108,7 +109,7 @@ def make_registry(settings: Settings, runner: Callable[[], FinetuneRunner] | Non
         return TextToAudioGenerator(model, device=resolve_device(settings.device))
 
     def image(model: str) -> Generator:
-        if model == "diffusion":
+        if model == DIFFUSION:
             if not settings.diffusion_model:
                 raise GeneratorError("the diffusion model is not configured on this bot (AIGC_DIFFUSION_MODEL)")
             from generators.diffusion import DiffusionGenerator
@@ -125,7 +126,7 @@ def make_registry(settings: Settings, runner: Callable[[], FinetuneRunner] | Non
         return ImageGenerator(model=model)
 
     factories: dict[str, Factory] = {"text": text, "image": image, "audio": audio}
-    defaults = {"text": settings.default_text_model, "image": settings.image_model,
+    defaults = {"text": settings.default_text_model, "image": default_image_model(settings),
                 "audio": settings.speech_model or "hibari"}
     if runner is not None:
         def training(_name: str) -> Generator:
@@ -135,6 +136,14 @@ def make_registry(settings: Settings, runner: Callable[[], FinetuneRunner] | Non
 
         factories["training"] = training
     return ModelRegistry(factories=factories, defaults=defaults, budget_bytes=settings.model_memory_budget_mb * 2**20)
+
+
+def default_image_model(settings: Settings) -> str:
+    """``auto`` (the default): the diffusion model once one is configured, else the embedded
+    model the prompt names (`generators.image_routing`); any other name is that model."""
+    if settings.image_model == AUTO and settings.diffusion_model:
+        return DIFFUSION
+    return settings.image_model
 
 
 class Services:
