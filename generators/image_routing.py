@@ -80,6 +80,7 @@ def what_they_draw() -> str:
 
 
 def cannot_draw() -> str:
-    """Why a prompt no embedded model knows is refused, and what would draw it."""
-    return ("none of this bot's image models can draw that: without a GPU it has small models that each "
-            f"draw one subject: {what_they_draw()}. A GPU with a diffusion model draws anything")
+    """Why a prompt no embedded model knows is refused, and what would draw it (a sentence a
+    member reads as is)."""
+    return ("🎨 Sorry, none of this bot's image models can draw that. Without a GPU it has small models that "
+            f"each draw one subject: {what_they_draw()}. A GPU with a diffusion model draws anything.")
