@@ -7,14 +7,16 @@ from __future__ import annotations
 import importlib.util
 import io
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
 
 from bot.commands import CATALOGUE
 from bot.commands.generation import image_models
+from bot.core.catalogue import Catalogue, Value
 from bot.core.services import make_registry
-from bot.settings import load_settings
+from bot.settings import Settings, load_settings
 from generators.base import GeneratorError, Request
 from generators.diffusion import DiffusionGenerator
 from generators.image_data import FASHION_MNIST_DIR
@@ -103,13 +105,15 @@ def test_a_portrait_is_drawn_by_the_face_model() -> None:
 
 
 # --- what the bot offers, from its settings ---------------------------------------------------------
-def _settings(tmp_path: Path, **values: object):
+def _settings(tmp_path: Path, **values: Any) -> Settings:
     return load_settings(_env_file=None, data_dir=tmp_path, **values)
 
 
-def _model_choices(catalogue: object) -> tuple:
-    command = catalogue.command(["imagine"])  # type: ignore[attr-defined]
-    return command.option("model").choices
+def _model_choices(catalogue: Catalogue) -> tuple[Value, ...]:
+    command = catalogue.command(["imagine"])
+    option = command.option("model") if command else None
+    assert option is not None
+    return option.choices
 
 
 def test_the_model_option_offers_only_models_that_run_here(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
