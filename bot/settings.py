@@ -63,9 +63,11 @@ class Settings(BaseSettings):
         description="'smollm2' (packaged SmolLM2-135M-Instruct), a Hugging Face model id, "
         "or a local folder.",
     )
-    quantization: Literal["auto", "none", "bf16", "fp16-weights", "int8-dynamic", "bnb-4bit", "bnb-8bit"] = Field(
+    quantization: Literal["auto", "none", "bf16", "fp16", "fp16-weights", "int8-dynamic", "bnb-4bit",
+                          "bnb-8bit"] = Field(
         "auto", validation_alias=_env("AIGC_QUANTIZATION"),
-        description="auto: bitsandbytes 4-bit on CUDA, the measured best mode on CPU.",
+        description="auto: bitsandbytes 4-bit NF4 on CUDA (bf16 or fp16 without bitsandbytes), the measured "
+        "best mode on CPU. bnb-4bit, bnb-8bit and fp16 need CUDA.",
     )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", validation_alias=_env("AIGC_DEVICE"))
     system_prompt: str = Field(
@@ -113,8 +115,9 @@ class Settings(BaseSettings):
 
     # --- images and audio ----------------------------------------------------------------------
     image_model: str = Field(
-        "face", validation_alias=_env("AIGC_IMAGE_MODEL"),
-        description="Default /imagine model: face | fashion | digits | diffusion.",
+        "auto", validation_alias=_env("AIGC_IMAGE_MODEL"),
+        description="Default /imagine model: auto (the diffusion model when configured, else the embedded "
+        "model that knows what the prompt names) | face | fashion | digits | diffusion.",
     )
     diffusion_model: str | None = Field(
         None, validation_alias=_env("AIGC_DIFFUSION_MODEL"),

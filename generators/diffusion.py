@@ -6,7 +6,8 @@ loads, so the bot runs without it. Options:
 
 * ``quantize_4bit``: load the denoiser (the UNet or the transformer, which holds most of
   the weights) in bitsandbytes 4-bit NF4 through diffusers' ``PipelineQuantizationConfig``;
-  needs CUDA and ``pip install 'aigc-bot[cuda]'``. Roughly quarters its memory.
+  needs CUDA and ``pip install 'aigc-bot[cuda]'``. Roughly quarters its memory. The bot
+  decides it with the text models' policy (`generators.quantization.diffusion_4bit`).
 * ``cpu_offload``: ``enable_model_cpu_offload()``: each component moves to the GPU only
   while it runs, for cards too small to hold the whole pipeline.
 
@@ -28,6 +29,7 @@ import torch
 
 from generators.base import Cancelled, Generator, GeneratorError, Output, Request, Result
 from generators.image_post import check_seed, encode_png, grid, pick_seed
+from generators.quantization import cuda_half_dtype, nf4_options
 
 INSTALL_HINT = "the diffusion backend needs diffusers: pip install 'aigc-bot[diffusion]'"
 PARAMS = ("count", "steps", "guidance", "width", "height", "negative_prompt", "seed")
@@ -120,7 +122,7 @@ class DiffusionGenerator(Generator):
         """The dtype the pipeline loads in (and computes in, besides a 4-bit denoiser)."""
         if not self.device.startswith("cuda"):
             return torch.float32  # CPU half precision is slow or unsupported for many ops
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return cuda_half_dtype()  # bf16 where native, fp16 on older cards (the text policy)
 
     def _quantization_config(self, diffusers: Any, dtype: torch.dtype) -> Any:
         """NF4 4-bit for the denoiser only: it holds most weights and tolerates it well."""
@@ -132,11 +134,7 @@ class DiffusionGenerator(Generator):
         denoiser = "transformer" if "transformer" in index else "unet"
         return diffusers.PipelineQuantizationConfig(
             quant_backend="bitsandbytes_4bit",
-            quant_kwargs={
-                "load_in_4bit": True,
-                "bnb_4bit_quant_type": "nf4",
-                "bnb_4bit_compute_dtype": dtype,
-            },
+            quant_kwargs={**nf4_options("cuda"), "bnb_4bit_compute_dtype": dtype},
             components_to_quantize=[denoiser],
         )
 

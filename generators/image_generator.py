@@ -11,12 +11,16 @@ Models:
   class ("a sneaker", "two sevens"). Models trained with
   :func:`~generators.image_train.train_image_model` can be dropped in as well.
 
+A generator made for ``auto`` lets the prompt pick the model (`generators.image_routing`:
+"a sneaker" → fashion, "the number seven" → digits, "a portrait" → face) and refuses a
+prompt none of them can draw.
+
 Parameters (all optional): ``model`` (default ``face``, or the model the generator was made
-for), ``count`` 1-4 (one PNG, a grid when > 1), ``size`` px per image (64-512, default 256),
-``upscale`` ``lanczos`` or ``nearest``, ``variation`` (0 = the seed's own images; 1, 2, ...
-nearby variants), ``variation_strength`` (0-1, default 0.3) and ``seed`` (else the
-request's seed, else a random one; the seed used is in the result's metadata). The same
-seed and parameters always give the same PNG bytes.
+for, or the one the prompt picks), ``count`` 1-4 (one PNG, a grid when > 1), ``size`` px
+per image (64-512, default 256), ``upscale`` ``lanczos`` or ``nearest``, ``variation``
+(0 = the seed's own images; 1, 2, ... nearby variants), ``variation_strength`` (0-1,
+default 0.3) and ``seed`` (else the request's seed, else a random one; the seed used is in
+the result's metadata). The same seed and parameters always give the same PNG bytes.
 """
 
 from __future__ import annotations
@@ -33,11 +37,12 @@ from torch import Tensor
 from generators.base import Cancelled, Generator, GeneratorError, Output, Request, Result
 from generators.dcgan import FACE_CONFIG, FACE_PACKAGE, face_generator, face_weights_path
 from generators.image_data import ClassVocabulary, vocabulary_for
+from generators.image_models import AUTO, DEFAULT_WEIGHTS_DIR, FACE, embedded_models
 from generators.image_post import UPSCALE_METHODS, check_seed, encode_png, grid, pick_seed, to_pil, upscale
+from generators.image_routing import cannot_draw, route
 from generators.image_train import ImageModel, load_image_model, model_header
 
-DEFAULT_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-FACE = "face"
+__all__ = ["DEFAULT_WEIGHTS_DIR", "FACE", "ImageGenerator"]
 MAX_COUNT = 4
 MIN_SIZE, MAX_SIZE, DEFAULT_SIZE = 64, 512, 256
 MAX_VARIATION = 1_000_000
@@ -73,7 +78,8 @@ class ImageGenerator(Generator):
     """GAN/VAE image generation on the CPU: one PNG per request, upscaled, with metadata.
 
     ``model`` pins the generator to one model (the registry makes one generator per model
-    name); ``None`` serves every model, chosen per request with the ``model`` parameter.
+    name); ``None`` serves every model, chosen per request with the ``model`` parameter
+    (default ``face``); ``"auto"`` serves every model too, the prompt choosing by default.
     ``weights_dir`` overrides the folder of ``*.safetensors`` models, ``face_weights`` the
     path of the face ``weights.tar`` (default: found in the installed package).
     """
@@ -92,7 +98,8 @@ class ImageGenerator(Generator):
         self.face_weights = Path(face_weights) if face_weights is not None else None
         self.device = device
         self._models: dict[str, ImageModel] = {}
-        self.model = model or None  # "" (no default configured) serves every model
+        self.routes_prompts = model == AUTO
+        self.model = None if self.routes_prompts else model or None  # "": serves every model
         if self.model is not None and self.model not in self.available_models():
             raise GeneratorError(self._unknown_model(self.model))
 
@@ -100,8 +107,7 @@ class ImageGenerator(Generator):
 
     def available_models(self) -> list[str]:
         """``face`` and the stem of every ``*.safetensors`` in the weights folder."""
-        files = sorted(self.weights_dir.glob("*.safetensors")) if self.weights_dir.is_dir() else []
-        return [FACE, *sorted(p.stem for p in files if p.stem != FACE)]
+        return embedded_models(self.weights_dir)
 
     def _unknown_model(self, name: str) -> str:
         return f"unknown image model {name!r}; available: {', '.join(self.available_models())}"
@@ -127,15 +133,15 @@ class ImageGenerator(Generator):
         unknown = sorted(set(params) - set(PARAMS))
         if unknown:
             raise GeneratorError(f"unknown image option(s) {', '.join(unknown)}; use {', '.join(PARAMS)}")
-        name = params.get("model") or self.model or FACE
+        if not prompt.strip():
+            raise GeneratorError("the prompt is empty: say what to draw (for faces any text will do)")
+        name = params.get("model") or self.model or self._default_model(prompt)
         if not isinstance(name, str):
             raise GeneratorError("model must be a name")
         if self.model is not None and name != self.model:
             raise GeneratorError(f"this generator serves {self.model!r}, not {name!r}")
         if name not in self.available_models():
             raise GeneratorError(self._unknown_model(name))
-        if not prompt.strip():
-            raise GeneratorError("the prompt is empty: say what to draw (for faces any text will do)")
         vocab = self.vocabulary(name)
         if vocab is not None and not vocab.match(prompt):
             raise GeneratorError(f"{name!r} draws only these classes; name one in the prompt: {vocab.describe()}")
@@ -155,6 +161,14 @@ class ImageGenerator(Generator):
             "variation_strength": _float_param(params, "variation_strength", DEFAULT_VARIATION_STRENGTH, 0.0, 1.0),
             "seed": seed,
         }
+
+    def _default_model(self, prompt: str) -> str:
+        if not self.routes_prompts:
+            return FACE
+        found = route(prompt)
+        if found is None:
+            raise GeneratorError(cannot_draw())
+        return found.model
 
     # --- weights -------------------------------------------------------------------------
 

@@ -1,6 +1,12 @@
 """Quantization policy: which numeric mode a model runs in, chosen in one place.
 
-- CUDA: bitsandbytes 4-bit NF4 by default (8-bit selectable), weights loaded quantized.
+- CUDA: bitsandbytes 4-bit NF4 with double quantization by default (8-bit selectable),
+  weights loaded quantized; 4-bit layers compute in bf16 on cards that have it natively
+  (compute capability 8.0, Ampere, and later), in fp16 on older ones (T4, V100), where bf16
+  is emulated. Without bitsandbytes, ``auto`` loads half precision (the same bf16/fp16
+  choice) and says once per load that the ``cuda`` extra gives 4-bit. Text and diffusion
+  follow the same policy (`diffusion_4bit`). ``bnb-*`` modes need CUDA: on a CPU they are
+  refused.
 - CPU: chosen by measurement of speed *and* quality (bench/text_throughput.py prints both).
   Torch dynamic int8 is fast but ruins a 135M model (next-token agreement with fp32 < 50 %),
   so it is never the default. bf16 keeps quality (agreement ≥ 95 %) and is the fastest mode
@@ -13,12 +19,19 @@
 
 from __future__ import annotations
 
+import logging
 from functools import cache
 from typing import Any
 
 import torch
 
-MODES = ("auto", "none", "bf16", "fp16-weights", "int8-dynamic", "bnb-4bit", "bnb-8bit")
+log = logging.getLogger(__name__)
+
+MODES = ("auto", "none", "bf16", "fp16", "fp16-weights", "int8-dynamic", "bnb-4bit", "bnb-8bit")
+#: Modes whose weights load in a half precision (all others load fp32, or quantized by bitsandbytes).
+MODE_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CUDA_ONLY = ("fp16", "bnb-4bit", "bnb-8bit")
+CUDA_EXTRA = "pip install 'aigc-bot[cuda]'"
 
 
 class QuantizationError(Exception):
@@ -44,12 +57,27 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
+@cache
+def cuda_has_native_bf16() -> bool:
+    """True on CUDA cards that compute bf16 natively (compute capability 8.0 and later).
+    ``torch.cuda.is_bf16_supported()`` alone also says yes where bf16 is only emulated."""
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+
+
+def cuda_half_dtype() -> torch.dtype:
+    """The half precision a CUDA card computes in: bf16 where native, else fp16 (T4, V100)."""
+    return torch.bfloat16 if cuda_has_native_bf16() else torch.float16
+
+
 def choose_mode(requested: str, device: str) -> str:
     """The concrete mode for a requested one ('auto' resolved) on a device."""
     if requested not in MODES:
         raise QuantizationError(f"unknown quantization {requested!r}; choose one of {', '.join(MODES)}")
     if requested == "fp16-weights" and (device != "cpu" or not has_fbgemm()):
         raise QuantizationError("fp16-weights runs on x86 CPUs only (fbgemm)")
+    if device != "cuda" and requested in CUDA_ONLY:
+        raise QuantizationError(f"AIGC_QUANTIZATION={requested} needs a CUDA GPU and this bot runs on the CPU; "
+                                "use auto (the best CPU mode) or none")
     if requested != "auto":
         if requested.startswith("bnb-"):
             if device != "cuda":
@@ -59,10 +87,14 @@ def choose_mode(requested: str, device: str) -> str:
             _require_bitsandbytes()
         return requested
     if device == "cuda":
+        half = "bf16" if cuda_has_native_bf16() else "fp16"
         try:
             _require_bitsandbytes()
         except QuantizationError:
-            return "bf16"
+            why = "" if half == "bf16" else " (this GPU has no native bf16)"
+            log.warning("bitsandbytes is not installed, so weights load in %s%s instead of 4-bit; "
+                        "for 4-bit: %s", half, why, CUDA_EXTRA)
+            return half
         return "bnb-4bit"
     if cpu_has_native_bf16():
         return "bf16"
@@ -74,22 +106,39 @@ def has_fbgemm() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+def nf4_options(device: str) -> dict[str, Any]:
+    """bitsandbytes 4-bit NF4 with double quantization (the constants quantized too), computing
+    in the card's half precision; the same for text (transformers) and diffusion (diffusers)."""
+    return {
+        "load_in_4bit": True,
+        "bnb_4bit_quant_type": "nf4",
+        "bnb_4bit_use_double_quant": True,
+        "bnb_4bit_compute_dtype": cuda_half_dtype() if device == "cuda" else torch.float32,
+    }
+
+
 def load_kwargs(mode: str, device: str) -> dict[str, Any]:
     """Keyword arguments for ``from_pretrained`` that load weights in the chosen mode."""
     if mode in ("bnb-4bit", "bnb-8bit"):
         from transformers import BitsAndBytesConfig
 
         if mode == "bnb-4bit":
-            config = BitsAndBytesConfig(
-                load_in_4bit=True,
-                bnb_4bit_quant_type="nf4",
-                bnb_4bit_use_double_quant=True,
-                bnb_4bit_compute_dtype=torch.bfloat16 if device == "cuda" else torch.float32,
-            )
+            config = BitsAndBytesConfig(**nf4_options(device))
         else:
             config = BitsAndBytesConfig(load_in_8bit=True)
         return {"quantization_config": config, "device_map": device}
-    return {"dtype": torch.bfloat16 if mode == "bf16" else torch.float32}
+    return {"dtype": MODE_DTYPES.get(mode, torch.float32)}
+
+
+def diffusion_4bit(requested: str, device: str) -> bool:
+    """Whether a diffusion model's denoiser loads in NF4: where the text policy picks 4-bit
+    (``auto`` with bitsandbytes, or ``bnb-4bit``). Raises `QuantizationError` as
+    `choose_mode` does (``bnb-*`` on a CPU, or without bitsandbytes)."""
+    if device != "cuda":
+        if requested in CUDA_ONLY:
+            choose_mode(requested, device)  # raises the one-line refusal
+        return False  # diffusion runs fp32 on a CPU; the CPU text modes don't apply to it
+    return choose_mode(requested, device) == "bnb-4bit"
 
 
 def apply_after_load(model: torch.nn.Module, mode: str, device: str) -> torch.nn.Module:
@@ -168,7 +217,7 @@ def _require_bitsandbytes() -> None:
         import bitsandbytes  # noqa: F401
     except Exception as exc:  # ImportError, or a broken native library
         raise QuantizationError(
-            "bitsandbytes modes need the package: pip install 'aigc-bot[cuda]' "
+            f"bitsandbytes modes need the package: {CUDA_EXTRA} "
             f"({type(exc).__name__})"
         ) from None
 

@@ -28,6 +28,7 @@ from generators.text_batch import Row, RunningBatch, StreamDecoder
 
 log = logging.getLogger(__name__)
 
+FULL_PRECISION: dict[str, Any] = {"dtype": torch.float32}
 STREAM_EVERY = 2  # tokens between partial-text callbacks; the bot throttles edits further
 
 
@@ -98,18 +99,16 @@ class TextGenerator(Generator):
             raise GeneratorError(str(exc)) from None
         location, gguf = self._converted(source)
         kwargs = quantization.load_kwargs(self.mode, self.device)
-        if gguf:
-            kwargs["gguf_file"] = gguf
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf) if gguf else \
-                AutoTokenizer.from_pretrained(location)
-            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-        except (OSError, ValueError) as exc:
-            raise GeneratorError(f"cannot load model {self.model_name!r}: {exc}") from None
-        if gguf:
-            _drop_gguf_marker(model)
-            if source.packaged and self.cache_dir is not None:
-                self._save_converted(source, model, tokenizer)
+        loaded = None
+        if gguf and source.packaged and self.cache_dir is not None:
+            # The conversion is cached in full precision whatever this load's mode: later
+            # loads in any mode, vLLM and the fine-tuner read it.
+            loaded = self._read(location, gguf, FULL_PRECISION)
+            if self._save_converted(source, *loaded):
+                location, gguf = self._converted(source)
+            if kwargs != FULL_PRECISION:
+                loaded = None  # freed before loading again in this mode
+        tokenizer, model = loaded or self._read(location, gguf, kwargs)
         model = quantization.apply_after_load(model, self.mode, self.device)
         model.eval()
         tokenizer.padding_side = "left"  # decoder-only: new tokens line up on the right
@@ -123,6 +122,20 @@ class TextGenerator(Generator):
         self.eos_ids = frozenset(_eos_ids(tokenizer, model))
         log.info("loaded text model %s on %s in mode %s (%.0f MB)", self.model_name, self.device,
                  self.mode, self.memory_bytes() / 2**20)
+
+    def _read(self, location: str, gguf: str | None, kwargs: dict[str, Any]) -> tuple[Any, Any]:
+        """(tokenizer, model) from a folder, or from a GGUF file in it (de-quantized)."""
+        try:
+            if gguf:
+                tokenizer = AutoTokenizer.from_pretrained(location, gguf_file=gguf)
+                model = AutoModelForCausalLM.from_pretrained(location, gguf_file=gguf, **kwargs)
+                _drop_gguf_marker(model)
+            else:
+                tokenizer = AutoTokenizer.from_pretrained(location)
+                model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        except (OSError, ValueError) as exc:
+            raise GeneratorError(f"cannot load model {self.model_name!r}: {exc}") from None
+        return tokenizer, model
 
     def converted_folder(self) -> Path | None:
         """The folder of safetensors the packaged GGUF was converted into (after a first load),
@@ -142,12 +155,14 @@ class TextGenerator(Generator):
         if self.cache_dir is None or not source.gguf_file:
             return None
         stat = (Path(source.location) / source.gguf_file).stat()
-        return self.cache_dir / f"{Path(source.gguf_file).stem}-{stat.st_size}-{int(stat.st_mtime)}"
+        # "fp32": earlier versions cached whatever precision the first load used; not reused.
+        return self.cache_dir / f"{Path(source.gguf_file).stem}-{stat.st_size}-{int(stat.st_mtime)}-fp32"
 
-    def _save_converted(self, source: ModelSource, model: Any, tokenizer: Any) -> None:
+    def _save_converted(self, source: ModelSource, tokenizer: Any, model: Any) -> bool:
+        """Write the converted model into the cache folder; whether it is there now."""
         folder = self._cache_folder(source)
         if folder is None:
-            return
+            return False
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         try:
@@ -156,6 +171,8 @@ class TextGenerator(Generator):
             partial.rename(folder)  # only a complete conversion is ever used
         except OSError as exc:
             log.warning("could not cache the converted model in %s: %s", folder, exc)
+            return False
+        return True
 
     def unload(self) -> None:
         self.model = None

@@ -517,9 +517,10 @@ class ConsoleFrontend(_Base):
 # --- opening one -------------------------------------------------------------------------------------
 @contextlib.asynccontextmanager
 async def open_frontend(kind: str, fake: FakeDiscord, data_dir: Path, text_model: Path,
-                        generators: Mapping[str, Any], **overrides: Any) -> AsyncIterator[Frontend]:
-    """A started front end of ``kind`` on fresh services with scripted ``generators``."""
-    registry = scripted_registry(generators)
+                        generators: Mapping[str, Any] | None, **overrides: Any) -> AsyncIterator[Frontend]:
+    """A started front end of ``kind`` on fresh services with scripted ``generators`` (None:
+    the bot's own models, as its settings make them)."""
+    registry = scripted_registry(generators) if generators is not None else None
     if kind == "gateway":
         settings = bot_settings(fake, data_dir, text_model, discord=True, **overrides)
         bot = _TrackingBot(settings, gateway_services(settings, registry=registry), guild_ready_timeout=0.05)

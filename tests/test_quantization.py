@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import importlib.util
+import logging
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from generators import quantization
 from generators.adapters import AdapterTextGenerator
-from generators.base import Request
+from generators.base import GeneratorError, Request
 from generators.text import TextGenerator
 from tests.tiny_text import random_lora_adapter
 
@@ -101,3 +104,95 @@ def test_lora_adapters_wrap_packed_layers(tiny_model_dir: Path, tmp_path: Path) 
     assert answers["none", adapter] != answers["none", None]  # the adapter matters
     assert answers["fp16-weights", adapter] == answers["none", adapter]
     assert answers["fp16-weights", None] == answers["none", None]
+
+
+# --- the policy on CUDA, and what a CPU refuses ---------------------------------------------------
+@pytest.mark.parametrize("mode", ["bnb-4bit", "bnb-8bit", "fp16"])
+def test_cuda_only_modes_are_refused_on_a_cpu_in_one_line(mode: str) -> None:
+    with pytest.raises(quantization.QuantizationError) as caught:
+        quantization.choose_mode(mode, "cpu")
+    message = str(caught.value)
+    assert "\n" not in message and f"AIGC_QUANTIZATION={mode} needs a CUDA GPU" in message
+    with pytest.raises(quantization.QuantizationError, match="needs a CUDA GPU"):
+        quantization.diffusion_4bit(mode, "cpu")
+
+
+def test_a_text_model_in_a_bnb_mode_on_a_cpu_fails_to_load_with_that_line(tiny_model_dir: Path) -> None:
+    generator = TextGenerator(str(tiny_model_dir), quantization_mode="bnb-4bit", device="cpu")
+    with pytest.raises(GeneratorError, match="AIGC_QUANTIZATION=bnb-4bit needs a CUDA GPU"):
+        generator.load()
+    assert generator.model is None
+
+
+@pytest.mark.skipif(importlib.util.find_spec("bitsandbytes") is not None, reason="needs bitsandbytes absent")
+@pytest.mark.parametrize(("native_bf16", "half"), [(True, "bf16"), (False, "fp16")])
+def test_auto_on_cuda_without_bitsandbytes_loads_half_precision_and_says_so(
+        native_bf16: bool, half: str, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(quantization, "cuda_has_native_bf16", lambda: native_bf16)
+    with caplog.at_level(logging.WARNING, logger="generators.quantization"):
+        assert quantization.choose_mode("auto", "cuda") == half
+    [record] = caplog.records
+    assert "aigc-bot[cuda]" in record.message and half in record.message
+    assert ("no native bf16" in record.message) is (not native_bf16)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[half]
+    assert quantization.load_kwargs(half, "cuda") == {"dtype": dtype}
+    # Diffusion follows the same policy: no 4-bit, no "needs bitsandbytes" failure ...
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="generators.quantization"):
+        assert quantization.diffusion_4bit("auto", "cuda") is False
+    assert len(caplog.records) == 1
+    # ... while asking for bitsandbytes by name still needs it, for text and diffusion alike.
+    for ask in (lambda: quantization.choose_mode("bnb-4bit", "cuda"),
+                lambda: quantization.diffusion_4bit("bnb-4bit", "cuda")):
+        with pytest.raises(quantization.QuantizationError, match=r"aigc-bot\[cuda\]"):
+            ask()
+
+
+@pytest.mark.parametrize(("native_bf16", "dtype"), [(True, torch.bfloat16), (False, torch.float16)])
+def test_nf4_double_quant_computes_in_the_cards_half_precision(
+        native_bf16: bool, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(quantization, "cuda_has_native_bf16", lambda: native_bf16)
+    options = quantization.nf4_options("cuda")
+    assert options == {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_use_double_quant": True,
+                       "bnb_4bit_compute_dtype": dtype}
+    assert quantization.nf4_options("cpu")["bnb_4bit_compute_dtype"] == torch.float32
+
+
+def test_diffusion_on_a_cpu_stays_full_precision_in_every_cpu_mode() -> None:
+    for mode in ("auto", "none", "bf16", "int8-dynamic"):
+        assert quantization.diffusion_4bit(mode, "cpu") is False
+
+
+def test_the_bots_diffusion_factory_refuses_bnb_on_a_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from bot.core.services import make_registry
+    from bot.settings import load_settings
+
+    monkeypatch.chdir(tmp_path)
+    settings = load_settings(_env_file=None, data_dir=tmp_path, diffusion_model="some/model", device="cpu",
+                             quantization="bnb-4bit")
+    with pytest.raises(GeneratorError, match="AIGC_QUANTIZATION=bnb-4bit needs a CUDA GPU"):
+        make_registry(settings).get("image", "diffusion")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_half_precision_follows_the_cards_compute_capability() -> None:
+    major, _ = torch.cuda.get_device_capability()
+    assert quantization.cuda_half_dtype() == (torch.bfloat16 if major >= 8 else torch.float16)
+
+
+# --- the converted-model cache --------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_packaged_model_is_cached_in_full_precision_whatever_the_first_mode(tmp_path: Path) -> None:
+    first = TextGenerator("smollm2", quantization_mode="bf16", device="cpu", cache_dir=tmp_path)
+    first.load()
+    assert first.model.dtype == torch.bfloat16  # this load's mode ...
+    folder = first.converted_folder()
+    assert folder is not None and folder.parent == tmp_path
+    with safe_open(folder / "model.safetensors", "pt") as weights:
+        dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}  # noqa: SIM118
+    assert dtypes == {"F32"}  # ... but the cache holds fp32
+    first.unload()
+    second = TextGenerator("smollm2", quantization_mode="none", device="cpu", cache_dir=tmp_path)
+    second.load()
+    assert second.model.dtype == torch.float32 and second.converted_folder() == folder
+    assert sorted(p.name for p in tmp_path.iterdir()) == [folder.name]  # read, not converted again

@@ -8,6 +8,8 @@ holds. The fake Discord's teardown fails a test on any request that breaks Disco
 
 from __future__ import annotations
 
+import importlib.util
+import io
 import re
 from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
@@ -16,15 +18,20 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
+from PIL import Image
 
 from bot.commands import CATALOGUE
 from generators.base import Output, Request, Result
+from generators.image_routing import cannot_draw
 from storage.guild_config import KEYS
+from storage.jobs import JobNotFound
 from tests.discord_bots import PictureGenerator, RecordingGenerator, png
 from tests.fakediscord import FakeDiscord
 from tests.frontends import FRONTENDS, Frontend, Outcome, Shown, open_frontend, until
+from tests.image_judge import digits_judge, fashion_judge
 from tests.scripted import ScriptedGenerator
 
+FACE_INSTALLED = importlib.util.find_spec("gan_face_generate") is not None
 OGG = b"OggS\x00\x02" + bytes(58)
 
 
@@ -117,6 +124,39 @@ async def test_imagine_attaches_a_png_and_speak_an_audio_file(open_bot: Any) -> 
     same(spoken, Outcome([Shown("", False, {sound: OGG}, ["aigc:regen:2"])]))
     assert spoken.files == {sound: OGG}
     assert image.calls == [["a red square"]] and voice.calls == [["hello there"]]
+
+
+@pytest.mark.asyncio
+@pytest.mark.skipif(not FACE_INSTALLED, reason="needs gan-face-generate (make setup installs it)")
+async def test_imagine_on_a_cpu_draws_the_subject_the_prompt_names(open_bot: Any, kind: str) -> None:
+    """The bot's own image models and no diffusion model: each prompt goes to the model that
+    knows its subject, and the picture shows that subject (judged by small classifiers); a
+    prompt none of them knows is refused privately; a model asked for by name still draws."""
+    async with open_bot(None) as bot:
+        sneakers = await bot.run("imagine", {"prompt": "a sneaker", "count": 4, "seed": 1})
+        sevens = await bot.run("imagine", {"prompt": "the number seven", "count": 4, "seed": 1})
+        portrait = await bot.run("imagine", {"prompt": "a portrait", "seed": 1})
+        castle = await bot.run("imagine", {"prompt": "a castle at sunset"})
+        forced = await bot.run("imagine", {"prompt": "a castle at sunset", "model": "face", "seed": 2})
+        records = [await bot.services.queue.get(job) for job in (1, 2, 3, 4)]
+        with pytest.raises(JobNotFound):
+            await bot.services.queue.get(5)  # the refusal made no job
+        registered = [c for c in bot.fake.commands(bot.fake.guild_id) if c["name"] == "imagine"]
+    assert [(r.status, r.params["model"]) for r in records] == [
+        ("succeeded", "fashion"), ("succeeded", "digits"), ("succeeded", "face"), ("succeeded", "face")]
+    assert [r.result["metadata"]["classes"] for r in records[:2]] == [["Sneaker"], ["7"]]
+    [(name, png)] = sneakers.files.items()
+    assert name == "fashion-1.png" and fashion_judge().labels(png, 4).count(7) >= 3
+    [(name, png)] = sevens.files.items()
+    assert name == "digits-1.png" and digits_judge().labels(png, 4).count(7) >= 3
+    [(name, png)] = portrait.files.items()
+    assert name == "face-1.png" and Image.open(io.BytesIO(png)).mode == "RGB"  # the others draw grey
+    assert list(forced.files) == ["face-2.png"]
+    same(castle, said(cannot_draw()))
+    if kind != "console":  # Discord offers only what runs here: no diffusion model is configured
+        [command] = registered
+        [option] = [o for o in command["options"] if o["name"] == "model"]
+        assert [c["value"] for c in option["choices"]] == ["face", "digits", "digits-vae", "fashion", "fashion-vae"]
 
 
 # --- 3. the queue, cancelling and regenerating ------------------------------------------------------

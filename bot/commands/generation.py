@@ -16,10 +16,12 @@ from bot.commands.jobs import cancel
 from bot.core import flow
 from bot.core.catalogue import MAX_ID, Choice, Command, Component, Option
 from bot.core.invocation import Button, Field, Form, Invocation, Responder
+from generators.image_models import runnable_models
 from storage.jobs import JobNotFound, JobRecord
 
 if TYPE_CHECKING:
     from bot.core.services import Services
+    from bot.settings import Settings
 
 SPEAK_LIMIT = 1000
 
@@ -40,6 +42,11 @@ async def voices(inv: Invocation, services: Services, typed: str) -> list[Choice
         generator = services.registry.get("audio")
         names = sorted(getattr(generator, "voices", lambda: {})())
     return [Choice(v, v) for v in names if typed.lower() in v.lower()]
+
+
+def image_models(settings: Settings) -> tuple[str, ...]:
+    """What /imagine's ``model`` offers: the models that can run here (diffusion once configured)."""
+    return tuple(runnable_models(bool(settings.diffusion_model)))
 
 
 # --- commands ------------------------------------------------------------------------------------
@@ -170,9 +177,10 @@ COMMANDS = (
         SEED,
     ), ack="public", switchable=True),
     Command("imagine", "Generate an image", imagine, (
-        Option("prompt", "What to draw (for class models: a class name, e.g. 'sneaker')", required=True,
-               low=1, high=1000),
-        Option("model", "Which image model", choices=("face", "fashion", "digits", "diffusion")),
+        Option("prompt", "What to draw; without a diffusion model: a face, clothes or a digit ('a sneaker')",
+               required=True, low=1, high=1000),
+        Option("model", "Which image model (default: the one that draws what the prompt names)",
+               choices_for=image_models),
         Option("count", "How many images (1–4), shown as a grid", "integer", low=1, high=4),
         SEED,
     ), ack="public", switchable=True),

@@ -122,7 +122,7 @@ class Console:
         self.interactive = stdin.isatty()
         self.user = user or f"console:{local_user()}"
         self.guild, self.channel = guild, channel
-        self.catalogue = catalogue
+        self.catalogue = catalogue.for_settings(services.settings)
         self.failures = 0
 
     def invocation(self) -> Invocation:

@@ -12,6 +12,7 @@ option types and ranges) and then call the handler, a plain async function of
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import re
@@ -25,6 +26,7 @@ from storage.ids import is_snowflake
 
 if TYPE_CHECKING:
     from bot.core.services import Services
+    from bot.settings import Settings
 
 OptionKind = Literal["string", "integer", "number", "boolean", "channel"]
 Value = str | int | float | bool
@@ -48,6 +50,8 @@ class Choice:
 
 #: (invocation, services, what was typed, the other options so far) → up to 25 choices.
 Autocomplete = Callable[[Invocation, "Services", str], Awaitable[list[Choice]]]
+#: The choices of an option that depend on how the bot is set up (which models it has).
+ChoicesFor = Callable[["Settings"], tuple[Value, ...]]
 
 
 @dataclass(frozen=True)
@@ -62,6 +66,8 @@ class Option:
     high: float | None = None
     choices: tuple[Value, ...] = ()
     autocomplete: Autocomplete | None = None
+    #: Choices computed from the settings at start (`Catalogue.for_settings`); until then none.
+    choices_for: ChoicesFor | None = None
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` does not fit this option (one line for the member), or None."""
@@ -264,6 +270,18 @@ class Catalogue:
             if (values := component.match(custom_id)) is not None:
                 return component, values
         return None
+
+    def for_settings(self, settings: Settings) -> Catalogue:
+        """This catalogue with the choices that depend on the settings filled in: what a front
+        end registers and checks (e.g. /imagine offers only the models this bot can run)."""
+        def resolved(command: Command) -> Command:
+            if not any(o.choices_for for o in command.options):
+                return command
+            options = tuple(dataclasses.replace(o, choices=o.choices_for(settings)) if o.choices_for else o
+                            for o in command.options)
+            return dataclasses.replace(command, options=options)
+
+        return dataclasses.replace(self, commands=tuple(resolved(c) for c in self.commands))
 
     def switchable(self) -> frozenset[str]:
         """Names `enabled_commands` may list."""

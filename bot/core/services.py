@@ -30,6 +30,7 @@ from bot.core.moderation import Moderation
 from bot.core.safety import RuleCache
 from bot.settings import SERVER_MODEL, Settings, finetune_settings, global_defaults, poster_options, queue_config
 from generators.base import Generator, GeneratorError
+from generators.image_models import AUTO, DIFFUSION
 from generators.queue import GenerationQueue
 from generators.registry import Factory, ModelRegistry
 from jobs.retention import Retention
@@ -108,21 +109,24 @@ def make_registry(settings: Settings, runner: Callable[[], FinetuneRunner] | Non
         return TextToAudioGenerator(model, device=resolve_device(settings.device))
 
     def image(model: str) -> Generator:
-        if model == "diffusion":
+        if model == DIFFUSION:
             if not settings.diffusion_model:
                 raise GeneratorError("the diffusion model is not configured on this bot (AIGC_DIFFUSION_MODEL)")
             from generators.diffusion import DiffusionGenerator
-            from generators.quantization import resolve_device
+            from generators.quantization import QuantizationError, diffusion_4bit, resolve_device
 
-            device = resolve_device(settings.device)
-            return DiffusionGenerator(settings.diffusion_model, device=device,
-                                      quantize_4bit=device == "cuda" and settings.quantization in ("auto", "bnb-4bit"))
+            try:  # the text policy: auto without bitsandbytes loads half precision, as text does
+                device = resolve_device(settings.device)
+                quantize_4bit = diffusion_4bit(settings.quantization, device)
+            except QuantizationError as exc:
+                raise GeneratorError(str(exc)) from None
+            return DiffusionGenerator(settings.diffusion_model, device=device, quantize_4bit=quantize_4bit)
         from generators.image_generator import ImageGenerator
 
         return ImageGenerator(model=model)
 
     factories: dict[str, Factory] = {"text": text, "image": image, "audio": audio}
-    defaults = {"text": settings.default_text_model, "image": settings.image_model,
+    defaults = {"text": settings.default_text_model, "image": default_image_model(settings),
                 "audio": settings.speech_model or "hibari"}
     if runner is not None:
         def training(_name: str) -> Generator:
@@ -134,6 +138,14 @@ def make_registry(settings: Settings, runner: Callable[[], FinetuneRunner] | Non
     gpu_budget = settings.gpu_memory_budget_mb * 2**20 if settings.gpu_memory_budget_mb else None
     return ModelRegistry(factories=factories, defaults=defaults, budget_bytes=settings.model_memory_budget_mb * 2**20,
                          device=settings.device, gpu_budget_bytes=gpu_budget)
+
+
+def default_image_model(settings: Settings) -> str:
+    """``auto`` (the default): the diffusion model once one is configured, else the embedded
+    model the prompt names (`generators.image_routing`); any other name is that model."""
+    if settings.image_model == AUTO and settings.diffusion_model:
+        return DIFFUSION
+    return settings.image_model
 
 
 class Services:

@@ -126,7 +126,7 @@ class AigcBot(ext_commands.Bot):
         self._starting: asyncio.Task[None] | None = None
         self.late_post = channel_poster(self, self.services)
         self._orphans = deliver_orphans(self.services, self.late_post)
-        build_tree(self.tree, CATALOGUE, self.on_command, self.on_complete, self.on_menu)
+        build_tree(self.tree, CATALOGUE.for_settings(settings), self.on_command, self.on_complete, self.on_menu)
         self.tree.on_error = self.on_tree_error
 
     # --- interactions ---------------------------------------------------------------------

@@ -313,7 +313,7 @@ class InteractionEndpoint:
             raise ValueError("DISCORD_PUBLIC_KEY is required for the HTTP interactions endpoint")
         self.services = services
         self.client = client
-        self.catalogue = catalogue
+        self.catalogue = catalogue.for_settings(settings)
         self.token_window_s = token_window_s
         self.verify_key = VerifyKey(bytes.fromhex(settings.discord_public_key))
         self.role_names = RoleNames(client)
@@ -500,7 +500,7 @@ async def start_http(settings: Settings, client: discord.Client, services: Servi
     await client.login(settings.discord_token.get_secret_value())
     await services.start()
     tree: app_commands.CommandTree[Any] = app_commands.CommandTree(client)
-    build_tree(tree, CATALOGUE, _never, _never, _never)  # for its registration payload only
+    build_tree(tree, CATALOGUE.for_settings(settings), _never, _never, _never)  # for its registration payload
     assert client.application_id is not None
     await register(tree, client.application_id, settings.discord_dev_guild_ids, services.state, services.adb,
                    force=force_sync)
