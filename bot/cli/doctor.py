@@ -53,7 +53,9 @@ class Report:
         self.notes.append(text)
 
     def problem(self, what: str, fix: str) -> None:
-        self.problems.append(f"{what} — fix: {fix}")
+        # One line per problem: a cause already reported (one setting read by two models) is not repeated.
+        if not any(p.split(" — fix: ")[0] in what for p in self.problems):
+            self.problems.append(f"{what} — fix: {fix}")
 
     def render(self) -> str:
         width = max((len(label) for _, rows in self.sections for label, _ in rows), default=0) + 2
@@ -237,6 +239,7 @@ def _images(report: Report, settings: Settings) -> None:
     from generators.dcgan import face_weights_path
     from generators.image_data import FASHION_MNIST_DIR
     from generators.image_generator import FACE, ImageGenerator
+    from generators.image_models import AUTO, DIFFUSION
 
     names = ImageGenerator().available_models()  # globs the weights folder; loads nothing
     try:
@@ -252,10 +255,12 @@ def _images(report: Report, settings: Settings) -> None:
             report.note(f"/imagine model:face is unavailable: {fix}")
     report.row("image", f"{', '.join(names)} (GAN/VAE, fp32 on the CPU)")
     report.row("face weights", face)
-    report.row("image default", f"{settings.image_model} (AIGC_IMAGE_MODEL)")
-    if settings.image_model not in (*names, "diffusion") and settings.image_model != FACE:
+    picks = ("the diffusion model" if settings.diffusion_model
+             else "the prompt picks face, fashion or digits") if settings.image_model == AUTO else ""
+    report.row("image default", f"{settings.image_model} (AIGC_IMAGE_MODEL){': ' + picks if picks else ''}")
+    if settings.image_model not in (*names, DIFFUSION, AUTO, FACE):
         report.problem(f"AIGC_IMAGE_MODEL={settings.image_model} is not an image model here",
-                       f"set it to one of {', '.join([*names, 'diffusion'])}")
+                       f"set it to {AUTO} or one of {', '.join([*names, DIFFUSION])}")
     _diffusion(report, settings)
     data = []
     if FASHION_MNIST_DIR.is_dir():
