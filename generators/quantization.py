@@ -80,10 +80,6 @@ def choose_mode(requested: str, device: str) -> str:
                                 "use auto (the best CPU mode) or none")
     if requested != "auto":
         if requested.startswith("bnb-"):
-            if device != "cuda":
-                # bitsandbytes' kernels are CUDA's; on a CPU the load would fail (or crawl).
-                raise QuantizationError(f"{requested} needs a CUDA GPU (bitsandbytes), and this bot runs on the "
-                                        f"{device}: choose another AIGC_QUANTIZATION")
             _require_bitsandbytes()
         return requested
     if device == "cuda":

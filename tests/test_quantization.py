@@ -37,13 +37,6 @@ def test_auto_picks_fp16_weights_on_a_cpu_without_native_bf16(monkeypatch: pytes
         quantization.choose_mode("fp16-weights", "cpu")
 
 
-@pytest.mark.parametrize("mode", ["bnb-4bit", "bnb-8bit"])
-def test_bitsandbytes_modes_off_cuda_are_refused_with_the_setting_to_change(mode: str) -> None:
-    # Refused for the device before the package is looked for: installing bitsandbytes would not help.
-    with pytest.raises(quantization.QuantizationError, match=f"^{mode} needs a CUDA GPU .*AIGC_QUANTIZATION"):
-        quantization.choose_mode(mode, "cpu")
-
-
 def test_fp16_weights_on_cuda_is_refused() -> None:
     with pytest.raises(quantization.QuantizationError, match="x86 CPUs only"):
         quantization.choose_mode("fp16-weights", "cuda")
