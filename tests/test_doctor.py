@@ -59,6 +59,8 @@ def test_healthy_cpu_setup_exits_zero_and_names_the_mode(tmp_path: Path) -> None
     assert _row(out, "text mode").startswith(f"{choose_mode('auto', 'cpu')} on cpu (auto on the CPU")
     assert _row(out, "text").startswith("smollm2: packaged SmolLM2-135M-Instruct")
     assert "face" in _row(out, "image") and _row(out, "face weights").startswith("found")
+    # The default, auto, is no model but no problem either: the prompt picks one.
+    assert _row(out, "image default") == "auto: the embedded model that draws what the prompt names (AIGC_IMAGE_MODEL)"
     assert _row(out, "audio").startswith("hibari")
     assert _row(out, "token").startswith("not set")  # a note, not a problem: the console works
     assert "no DISCORD_TOKEN" in out and out.rstrip().endswith("healthy: no problems found")

@@ -53,9 +53,10 @@ class Report:
         self.notes.append(text)
 
     def problem(self, what: str, fix: str) -> None:
-        # One line per problem: a cause already reported (one setting read by two models) is not repeated.
-        if not any(p.split(" — fix: ")[0] in what for p in self.problems):
-            self.problems.append(f"{what} — fix: {fix}")
+        self.problems.append(f"{what} — fix: {fix}")
+
+    def has_problem(self, what: str) -> bool:
+        return any(line.startswith(f"{what} — fix: ") for line in self.problems)
 
     def render(self) -> str:
         width = max((len(label) for _, rows in self.sections for label, _ in rows), default=0) + 2
@@ -239,7 +240,7 @@ def _images(report: Report, settings: Settings) -> None:
     from generators.dcgan import face_weights_path
     from generators.image_data import FASHION_MNIST_DIR
     from generators.image_generator import FACE, ImageGenerator
-    from generators.image_models import AUTO, DIFFUSION
+    from generators.image_models import AUTO
 
     names = ImageGenerator().available_models()  # globs the weights folder; loads nothing
     try:
@@ -255,12 +256,14 @@ def _images(report: Report, settings: Settings) -> None:
             report.note(f"/imagine model:face is unavailable: {fix}")
     report.row("image", f"{', '.join(names)} (GAN/VAE, fp32 on the CPU)")
     report.row("face weights", face)
+    # auto is no model: the diffusion model when one is set, else the prompt picks (image_routing).
     picks = ("the diffusion model" if settings.diffusion_model
-             else "the prompt picks face, fashion or digits") if settings.image_model == AUTO else ""
-    report.row("image default", f"{settings.image_model} (AIGC_IMAGE_MODEL){': ' + picks if picks else ''}")
-    if settings.image_model not in (*names, DIFFUSION, AUTO, FACE):
+             else "the embedded model that draws what the prompt names")
+    shown = f"auto: {picks}" if settings.image_model == AUTO else settings.image_model
+    report.row("image default", f"{shown} (AIGC_IMAGE_MODEL)")
+    if settings.image_model not in (*names, "diffusion", AUTO) and settings.image_model != FACE:
         report.problem(f"AIGC_IMAGE_MODEL={settings.image_model} is not an image model here",
-                       f"set it to {AUTO} or one of {', '.join([*names, DIFFUSION])}")
+                       f"set it to one of {', '.join([AUTO, *names, 'diffusion'])}")
     _diffusion(report, settings)
     data = []
     if FASHION_MNIST_DIR.is_dir():
@@ -307,7 +310,9 @@ def _diffusion(report: Report, settings: Settings) -> None:
     try:
         generator = make_registry(settings).get("image", "diffusion")  # the bot's own wiring; loads nothing
     except (GeneratorError, QuantizationError) as exc:
-        report.problem(f"diffusion: {exc}", "see docs/gpu.md")
+        # A bad AIGC_QUANTIZATION breaks text and diffusion alike: the text mode's line says it once.
+        if not report.has_problem(str(exc)):
+            report.problem(f"diffusion: {exc}", "see docs/gpu.md")
         return
     assert isinstance(generator, DiffusionGenerator)
     compute_dtype = str(generator.compute_dtype()).removeprefix("torch.")
