@@ -9,6 +9,10 @@ own tokens, so a row attends to the same keys at the same positions whatever it 
 with: a seeded request gives the same text alone or in a crowd (up to floating-point
 differences between batch shapes).
 
+The prompt prefix rows share (the chat template and the system prompt: most of a short
+prompt) is computed once per running batch and copied into each row that starts with it,
+as vLLM's prefix caching does.
+
 Per step the whole batch is one forward pass of one token per row, then one vectorised
 sampling pass (repetition penalty and greedy choice for every row at once; only rows that
 sample draw from their own ``torch.Generator``).
@@ -21,11 +25,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from transformers import DynamicCache, PreTrainedTokenizerBase
+from transformers import Cache, DynamicCache, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from generators.base import Request
 from generators.sampling import DEFAULTS
+
+MIN_PREFIX = 4  # shorter shared prefixes are not worth a forward pass of their own
 
 
 @dataclass
@@ -65,34 +71,45 @@ class RunningBatch:
         self.model = model
         self.pad_id = pad_id
         self.rows: list[Row] = []
-        self.cache: DynamicCache | None = None
+        self.cache: Cache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # [rows, cached positions]: 1 = a real token
         self.logits = torch.zeros(0, 0)  # [rows, vocab]: each row's next-token scores
         self.seen = torch.zeros(0, 0, dtype=torch.bool)  # [rows, vocab]: tokens the penalty applies to
         self.penalty = torch.zeros(0, 1)  # [rows, 1]
+        # Caches can be padded and stacked only when every layer is a plain, growing one (not a
+        # sliding window or a static buffer).
+        self.joinable = all(type(layer) is DynamicLayer for layer in DynamicCache(config=model.config).layers)
+        #: The prompt prefix the rows share (chat template and system prompt) and its keys and
+        #: values, computed once and copied into every row that starts with it.
+        self.prefix: list[int] = []
+        self.prefix_kv: list[tuple[torch.Tensor, torch.Tensor]] = []
 
     def __len__(self) -> int:
         return len(self.rows)
 
-    @property
-    def joinable(self) -> bool:
-        """Whether rows can join mid-run: every cache layer is a plain, growing one (not a
-        sliding window or a static buffer, which cannot be padded and concatenated)."""
-        return self.cache is None or all(type(layer) is DynamicLayer for layer in self.cache.layers)
-
     # --- joining ----------------------------------------------------------------------------
     def join(self, rows: list[Row]) -> None:
-        """Prefill ``rows`` (one forward pass over their left-padded prompts) and add them."""
+        """Prefill ``rows`` (one forward pass over what follows their shared prefix, left-padded)
+        and add them to the batch."""
         device = self.model.device
-        length = max(len(r.prompt_ids) for r in rows)
+        shared = self._shared_prefix(rows)
+        suffixes = [r.prompt_ids[shared:] for r in rows]
+        length = max(len(ids) for ids in suffixes)
         ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-        mask = torch.zeros(len(rows), length, dtype=torch.long)
-        for i, row in enumerate(rows):
-            ids[i, length - len(row.prompt_ids):] = torch.tensor(row.prompt_ids)
-            mask[i, length - len(row.prompt_ids):] = 1
-        cache = DynamicCache(config=self.model.config)
+        mask = torch.zeros(len(rows), shared + length, dtype=torch.long)
+        mask[:, :shared] = 1
+        for i, suffix in enumerate(suffixes):
+            ids[i, length - len(suffix):] = torch.tensor(suffix)
+            mask[i, shared + length - len(suffix):] = 1
+        if shared:
+            cache = Cache(layers=[GrowingLayer(k.expand(len(rows), -1, -1, -1), v.expand(len(rows), -1, -1, -1))
+                                  for k, v in self.prefix_kv])
+        elif self.joinable:
+            cache = Cache(layer_class_to_replicate=GrowingLayer)
+        else:
+            cache = DynamicCache(config=self.model.config)
         out = self.model(input_ids=ids.to(device), attention_mask=mask.to(device),
-                         position_ids=_positions(mask).to(device), cache=cache, use_cache=True,
+                         position_ids=_positions(mask)[:, shared:].to(device), cache=cache, use_cache=True,
                          logits_to_keep=1)  # only the last position's scores: no [rows, prompt, vocab] tensor
         logits = out.logits[:, -1].float().cpu()
         vocab = logits.shape[-1]
@@ -111,13 +128,40 @@ class RunningBatch:
         for row in rows:
             row.joined_with = len(self.rows)
 
+    def _shared_prefix(self, rows: list[Row]) -> int:
+        """How many leading prompt tokens every row shares with the stored prefix, after
+        computing that prefix if these rows share a new one; 0 for none. Each row keeps at
+        least its last token to prefill, whose scores pick its first new token."""
+        if not self.joinable:
+            return 0
+        limit = min(len(r.prompt_ids) for r in rows) - 1
+        if self.prefix and len(self.prefix) <= limit and all(r.prompt_ids[:len(self.prefix)] == self.prefix
+                                                             for r in rows):
+            return len(self.prefix)
+        if len(rows) < 2:
+            return 0
+        common = 0
+        first = rows[0].prompt_ids
+        while common < limit and all(r.prompt_ids[common] == first[common] for r in rows):
+            common += 1
+        if common < MIN_PREFIX:
+            return 0
+        cache = DynamicCache(config=self.model.config)
+        self.model(input_ids=torch.tensor([first[:common]], device=self.model.device), cache=cache, use_cache=True,
+                   logits_to_keep=1)
+        self.prefix = first[:common]
+        self.prefix_kv = [(layer.keys, layer.values) for layer in cache.layers]
+        return common
+
     # --- one step ---------------------------------------------------------------------------
     def sample(self) -> list[int]:
         """Every row's next token, from the pending logits."""
         logits = self.logits
         if bool((self.penalty != 1.0).any()):
-            penalised = torch.where(logits > 0, logits / self.penalty, logits * self.penalty)
-            logits = torch.where(self.seen, penalised, logits)
+            # Only the seen tokens change (a few hundred a row): index them, not the whole vocabulary.
+            rows, tokens = self.seen.nonzero(as_tuple=True)
+            values, penalty = logits[rows, tokens], self.penalty[rows, 0]
+            logits[rows, tokens] = torch.where(values > 0, values / penalty, values * penalty)
         chosen = logits.argmax(-1).tolist()
         for i, row in enumerate(self.rows):
             if row.temperature > 0:
@@ -173,8 +217,7 @@ def _draw(logits: torch.Tensor, row: Row) -> int:
     return int(torch.multinomial(logits.softmax(-1), 1, generator=row.generator))
 
 
-def _concat(a: DynamicCache, a_mask: torch.Tensor, b: DynamicCache, b_mask: torch.Tensor
-            ) -> tuple[DynamicCache, torch.Tensor]:
+def _concat(a: Cache, a_mask: torch.Tensor, b: Cache, b_mask: torch.Tensor) -> tuple[Cache, torch.Tensor]:
     """Two batches' caches as one: left-padded to the longer, stacked along the batch, with
     the leading positions that are padding in every row cut off."""
     length = max(a_mask.shape[1], b_mask.shape[1])
@@ -184,8 +227,8 @@ def _concat(a: DynamicCache, a_mask: torch.Tensor, b: DynamicCache, b_mask: torc
     for x, y in zip(a.layers, b.layers, strict=True):
         keys = torch.cat([_pad_left(x.keys, length, dim=2), _pad_left(y.keys, length, dim=2)])
         values = torch.cat([_pad_left(x.values, length, dim=2), _pad_left(y.values, length, dim=2)])
-        layers.append((keys[:, :, start:], values[:, :, start:]))
-    return DynamicCache(ddp_cache_data=layers), mask[:, start:]
+        layers.append(GrowingLayer(keys[:, :, start:], values[:, :, start:]))
+    return Cache(layers=layers), mask[:, start:]
 
 
 def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
@@ -195,6 +238,47 @@ def _pad_left(tensor: torch.Tensor, length: int, dim: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[dim] = missing
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
+
+
+class GrowingLayer(DynamicLayer):
+    """A cache layer that appends each step's keys and values into spare room (doubled when
+    full) instead of concatenating, which copies the whole cache on every step: at 32 rows that
+    is ~100 MB a step for this 135M model. ``keys`` and ``values`` are views of the filled part."""
+
+    def __init__(self, keys: torch.Tensor | None = None, values: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.room: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.length = 0
+        if keys is not None and values is not None:
+            self.update(keys, values)
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        added = key_states.shape[-2]
+        if self.room is None or self.length + added > self.room[0].shape[-2]:
+            size = max(64, 2 * (self.length + added))
+            shape = (*key_states.shape[:2], size, key_states.shape[-1])  # [batch, heads, positions, head_dim]
+            room = (key_states.new_empty(shape), value_states.new_empty(shape))
+            if self.room is not None:
+                room[0][:, :, :self.length] = self.keys
+                room[1][:, :, :self.length] = self.values
+            self.room = room
+        self.room[0][:, :, self.length:self.length + added] = key_states
+        self.room[1][:, :, self.length:self.length + added] = value_states
+        self.length += added
+        self._views()
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.room is not None:
+            self.room = (self.room[0][indices], self.room[1][indices])
+            self._views()
+
+    def _views(self) -> None:
+        assert self.room is not None
+        self.keys, self.values = self.room[0][:, :, :self.length], self.room[1][:, :, :self.length]
 
 
 class StreamDecoder:

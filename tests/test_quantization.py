@@ -25,14 +25,15 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits.float()
 
 
-def test_auto_picks_fp16_weights_on_a_cpu_without_native_bf16(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(quantization, "cpu_has_native_bf16", lambda: False)
-    assert quantization.choose_mode("auto", "cpu") == "fp16-weights"
-    monkeypatch.setattr(quantization, "cpu_has_native_bf16", lambda: True)
-    assert quantization.choose_mode("auto", "cpu") == "bf16"
+def test_auto_on_a_cpu_picks_fp16_weights_unless_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+    for flags, fbgemm, mode in [({"avx2"}, True, "fp16-weights"), ({"avx512_bf16"}, True, "fp16-weights"),
+                                ({"avx512_bf16", "amx_bf16"}, True, "bf16"), ({"bf16"}, False, "none"),
+                                ({"avx512_bf16"}, False, "bf16")]:
+        monkeypatch.setattr(quantization, "cpu_flags", lambda flags=flags: frozenset(flags))
+        monkeypatch.setattr(quantization, "has_fbgemm", lambda fbgemm=fbgemm: fbgemm)
+        assert quantization.choose_mode("auto", "cpu") == mode, flags
+    monkeypatch.setattr(quantization, "cpu_flags", lambda: frozenset())
     monkeypatch.setattr(quantization, "has_fbgemm", lambda: False)
-    monkeypatch.setattr(quantization, "cpu_has_native_bf16", lambda: False)
-    assert quantization.choose_mode("auto", "cpu") == "none"
     with pytest.raises(quantization.QuantizationError, match="x86 CPUs only"):
         quantization.choose_mode("fp16-weights", "cpu")
 
