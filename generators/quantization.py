@@ -12,11 +12,12 @@
   so it is never the default. ``fp16-weights`` is the default on x86: every Linear's weight
   is stored in fp16 and packed once for fbgemm, the math stays fp32 (agreement 100 %, same
   perplexity). A decode step streams every weight once, and fbgemm's packed fp16 streams
-  them fastest: 1.8× fp32 on an AVX2-only CPU, and 1.6× bf16 (oneDNN, which re-packs its
-  weights on every call) on an AMD EPYC with native bf16 (AVX512-BF16): batch-8 generate
-  151 vs 93 tokens/s, our decode loop ~32 vs ~48 ms a step of 8 rows. bf16 (agreement
-  ~98 %) stays the default only with AMX, whose tile units make bf16 matrix products the
-  fastest path; and on CPUs without fbgemm (ARM) that compute bf16 natively.
+  them fastest: 1.8× fp32 on an AVX2-only CPU, and 1.6-1.8× bf16 on an AMD EPYC with native
+  bf16 (AVX512-BF16), whose oneDNN bf16 matmul streams ~11 GB/s for 8 rows of the 26 GB/s the
+  memory gives (batch-8 generate 184 vs 104 tokens/s; our decode loop ~33 vs ~48 ms a step).
+  bf16 (agreement ~98 %) stays the default only with AMX, whose tile units should make bf16
+  matrix products the fastest path (not measured: no AMX machine was at hand), and on CPUs
+  without fbgemm (ARM) that compute bf16 natively.
 - ``none`` is always selectable: fp32 works everywhere.
 """
 
