@@ -189,6 +189,23 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
         "INFO", validation_alias=_env("AIGC_LOG_LEVEL")
     )
+    log_format: Literal["text", "json"] = Field(
+        "text", validation_alias=_env("AIGC_LOG_FORMAT"),
+        description="text: dated lines; json: one JSON object a line (time, level, logger, message, process, "
+        "pid, and job_id and lane on job lines).",
+    )
+
+    # --- monitoring --------------------------------------------------------------------------
+    metrics_port: int | None = Field(
+        None, ge=1, le=65_535, validation_alias=_env("AIGC_METRICS_PORT"),
+        description="Port for Prometheus /metrics and /healthz in every mode (gateway, HTTP, console); "
+        "unset: off.",
+    )
+    metrics_host: str = Field(
+        "127.0.0.1", validation_alias=_env("AIGC_METRICS_HOST"),
+        description="Address the metrics port listens on (0.0.0.0: every interface, for a scraper on another "
+        "host).",
+    )
 
     @field_validator("*")
     @classmethod

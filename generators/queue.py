@@ -119,6 +119,22 @@ class JobEvent:
 Listener = Callable[[JobEvent], None]
 
 
+@dataclass(frozen=True)
+class LaneState:
+    """One lane as monitoring sees it (`GenerationQueue.lane_states`)."""
+
+    kind: str
+    waiting: int
+    running: int
+    alive: bool  # its worker task is running
+    heartbeat_at: float  # unix time the worker last showed it was alive (idle or generating)
+
+
+def job_log_fields(job_id: int, lane: str) -> dict[str, Any]:
+    """``extra=`` of a log line about one job: structured (JSON) logs carry them as fields."""
+    return {"job_id": job_id, "lane": lane}
+
+
 @dataclass
 class QueueConfig:
     max_pending_per_user: int = 5
@@ -162,6 +178,7 @@ class _Lane:
     #: Batches being generated (more than one only for a generator with ``concurrency`` > 1).
     batches: set[asyncio.Task[None]] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
+    heartbeat_at: float = field(default_factory=time.time)
 
     @property
     def busy(self) -> bool:
@@ -392,6 +409,17 @@ class GenerationQueue:
         records = await self._db.run(self.store.list_jobs, requester, ("queued", "running"), 100)
         return list(reversed(records))
 
+    @property
+    def running(self) -> bool:
+        """Started and not stopping: jobs submitted now will run."""
+        return self._started and not self._stopping
+
+    def lane_states(self) -> list[LaneState]:
+        """Each lane's waiting and running jobs and its worker's liveness (metrics, /healthz)."""
+        return [LaneState(lane.kind, len(lane.waiting), len(lane.running),
+                          lane.task is not None and not lane.task.done(), lane.heartbeat_at)
+                for lane in self._lanes.values()]
+
     def position(self, job_id: int) -> int | None:
         """1-based place among the waiting jobs of its lane; 0 while running; None if unknown."""
         return self._positions.get(job_id)
@@ -423,11 +451,14 @@ class GenerationQueue:
     # --- the lane worker ------------------------------------------------------------------
     async def _run_lane(self, lane: _Lane) -> None:
         while not self._stopping:
+            lane.heartbeat_at = time.time()
             if not lane.waiting or len(lane.batches) >= self._concurrency(lane):
                 if not lane.waiting and not lane.batches:
                     self._idle.set()
                 lane.wakeup.clear()
-                await lane.wakeup.wait()
+                # Wake now and then even when idle, so the heartbeat shows the worker is alive.
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(lane.wakeup.wait(), HEARTBEAT_S)
                 continue
             if self.config.batch_window_s > 0 and self._batchable(lane):
                 await asyncio.sleep(self.config.batch_window_s)
@@ -512,7 +543,8 @@ class GenerationQueue:
         except GeneratorError as exc:
             error = str(exc)
         except Exception as exc:
-            log.exception("generation failed for jobs %s", [r.job_id for r in run.requests])
+            log.exception("generation failed for jobs %s", [r.job_id for r in run.requests],
+                          extra={"lane": lane.kind})
             error = f"generation failed ({type(exc).__name__}); see the bot's log"
         finally:
             watcher.cancel()
@@ -531,7 +563,8 @@ class GenerationQueue:
         run.timers[record.id] = self._loop.call_later(self._timeout(run.lane.kind), self._time_out, request)
         run.lane.running[record.id] = request
         self._positions[record.id] = 0
-        self._emit(JobEvent(record.id, "started", position=0))
+        log.debug("job %d started (model %s)", record.id, record.model, extra=job_log_fields(record.id, record.kind))
+        self._emit(JobEvent(record.id, "started", position=0, record=record))
 
     async def _finish_job(self, run: _Run, request: Request, result: Result | None, error: str | None) -> None:
         run.finished.add(request.job_id)
@@ -635,6 +668,7 @@ class GenerationQueue:
             await asyncio.sleep(HEARTBEAT_S)
             running = {r.job_id: r for r in run.requests if r.job_id not in run.finished}
             await self._db.run(self.store.heartbeat, list(running))
+            run.lane.heartbeat_at = time.time()
             for job_id in await self._db.run(self.store.cancel_requested, list(running)):
                 running[job_id].cancel_event.set()
 
@@ -677,6 +711,8 @@ class GenerationQueue:
 
     def _finished(self, record: JobRecord) -> None:
         self._positions.pop(record.id, None)
+        ran = f" in {record.finished_at - record.started_at:.2f} s" if record.started_at and record.finished_at else ""
+        log.info("job %d %s%s", record.id, record.status, ran, extra=job_log_fields(record.id, record.kind))
         self._emit(JobEvent(record.id, "finished", record=record))
 
     def _emit(self, event: JobEvent) -> None:
@@ -699,6 +735,6 @@ class GenerationQueue:
 
 
 __all__ = [
-    "LANES", "GenerationQueue", "JobEvent", "JobLimits", "JobNotFound", "LimitReached", "QueueConfig",
-    "QueueError", "QuotaExceeded",
+    "LANES", "GenerationQueue", "JobEvent", "JobLimits", "JobNotFound", "LaneState", "LimitReached", "QueueConfig",
+    "QueueError", "QuotaExceeded", "job_log_fields",
 ]

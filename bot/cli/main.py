@@ -33,6 +33,7 @@ from bot.cli.doctor import add_doctor_parser, cmd_doctor
 from bot.cli.schedule import add_schedule_parser, cmd_schedule
 from bot.cli.train import add_train_parser, cmd_train
 from bot.core.invocation import local_user
+from bot.core.monitoring import MonitoringError, app_version
 from bot.settings import Settings, SettingsError, load_settings
 from generators.base import GeneratorError, check_text
 from generators.queue import QueueError
@@ -40,7 +41,7 @@ from storage.database import StorageError
 from storage.jobs import JobNotFound, JobRecord, NewJob, QuotaExceeded
 
 EXPECTED_ERRORS = (SettingsError, StorageError, GeneratorError, QueueError, QuotaExceeded, JobNotFound,
-                   PermissionError)
+                   PermissionError, MonitoringError)
 
 
 class CliError(Exception):
@@ -49,6 +50,7 @@ class CliError(Exception):
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="aigcbot", description="Self-hosted generative-AI Discord bot.")
+    parser.add_argument("--version", action="version", version=f"aigc-bot {app_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="start the bot (Discord when DISCORD_TOKEN is set, else the console)")
@@ -124,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
 
         token = settings.discord_token.get_secret_value() if settings.discord_token else ""
         quiet = args.command != "run"
-        configure_logging("WARNING" if quiet else settings.log_level, secrets=[token])
+        configure_logging("WARNING" if quiet else settings.log_level, secrets=[token], style=settings.log_format,
+                          process=_process_name(args, settings))
         handler = COMMANDS[args.command]
         return handler(settings, args)
     except EXPECTED_ERRORS as exc:
@@ -136,6 +139,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def _process_name(args: argparse.Namespace, settings: Settings) -> str:
+    """What this process is, for log lines: gateway, http or console for ``run`` (as `cmd_run`
+    chooses), else the command."""
+    if args.command != "run":
+        return str(args.command)
+    if args.http:
+        return "http"
+    return "gateway" if settings.discord_token and not args.console else "console"
 
 
 # --- run -----------------------------------------------------------------------------------
@@ -164,6 +177,7 @@ async def _console(settings: Settings, guild: str | None, channel: str | None) -
 
     services = Services(settings, commands=CATALOGUE.switchable())
     try:
+        await services.serve_monitoring("console")  # before the model loads: a port in use stops the start
         await services.start()
         return await Console(services, guild=guild, channel=channel).run()
     finally:

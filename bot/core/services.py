@@ -24,13 +24,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import sqlite_utils
+from prometheus_client import CollectorRegistry
 
 from bot.core.capture import CaptureBuffer
 from bot.core.moderation import Moderation
+from bot.core.monitoring import MonitoringServer, monitoring_app
 from bot.core.safety import RuleCache
 from bot.settings import SERVER_MODEL, Settings, finetune_settings, global_defaults, poster_options, queue_config
 from generators.base import Generator, GeneratorError
 from generators.image_models import AUTO, DIFFUSION
+from generators.metrics import QueueMetrics
 from generators.queue import GenerationQueue
 from generators.registry import Factory, ModelRegistry
 from jobs.retention import Retention
@@ -168,6 +171,8 @@ class Services:
         self._schedule_options = schedule_options or {}
         self._started = False
         self._background_started = False
+        self._monitoring: MonitoringServer | None = None
+        self._unobserve: Callable[[], None] | None = None
 
     # --- storage -------------------------------------------------------------------------
     @cached_property
@@ -227,6 +232,28 @@ class Services:
     @cached_property
     def moderation(self) -> Moderation:
         return Moderation(self.settings, self.adb, self.config, self.safety, RuleCache(), self.modlog)
+
+    # --- monitoring ------------------------------------------------------------------------
+    @cached_property
+    def metrics(self) -> CollectorRegistry:
+        """This bot's Prometheus registry: every instrument of the process is declared on it."""
+        return CollectorRegistry()
+
+    @cached_property
+    def queue_metrics(self) -> QueueMetrics:
+        return QueueMetrics(self.metrics, self.queue)
+
+    async def serve_monitoring(self, process: str) -> int | None:
+        """Serve /metrics and /healthz on AIGC_METRICS_PORT (unset: nothing); returns the port.
+        ``process`` (gateway, http, console…) is named in /healthz. Raises MonitoringError."""
+        port = self.settings.metrics_port
+        if port is None or self._monitoring is not None:
+            return self._monitoring.port if self._monitoring else None
+        _ = self.queue_metrics  # declared before the first scrape, even while the queue starts
+        server = MonitoringServer(monitoring_app(self.metrics, self.queue, process))
+        await server.start(self.settings.metrics_host, port)
+        self._monitoring = server
+        return server.port
 
     # --- models and the queue ------------------------------------------------------------
     @cached_property
@@ -307,6 +334,7 @@ class Services:
         once: a second call changes nothing."""
         if not self._started:
             self._started = True
+            self._unobserve = self.queue_metrics.attach()  # before the backlog's jobs start
             await self.queue.start(recover=recover, load_backlog=load_backlog)
 
     async def start_background(self) -> None:
@@ -334,6 +362,12 @@ class Services:
     async def close(self) -> None:
         """Stop and close what was built, in order; safe to call twice."""
         built = self.__dict__
+        if self._monitoring is not None:
+            await self._monitoring.stop()
+            self._monitoring = None
+        if self._unobserve is not None:
+            self._unobserve()
+            self._unobserve = None
         await self.stop_background()
         if "schedules" in built:
             await self.schedules.stop()

@@ -34,6 +34,7 @@ import yarl
 
 from bot.core.catalogue import CUSTOM_ID_PREFIX, Ack
 from bot.core.invocation import Button, FileOut, Form, Status, user_error
+from bot.discord.metrics import DiscordMetrics
 from bot.discord.render import progress_text, render_result, split_text
 from bot.discord.throttle import EditThrottle
 from generators.queue import JobEvent
@@ -170,8 +171,10 @@ class DiscordResponder:
 
     def __init__(self, transport: Transport, ack: Ack, *, late_post: LatePost | None = None,
                  clock: Callable[[], float] = time.time,
-                 token_window_s: float = TOKEN_LIFETIME_S - TOKEN_MARGIN_S) -> None:
+                 token_window_s: float = TOKEN_LIFETIME_S - TOKEN_MARGIN_S,
+                 metrics: DiscordMetrics | None = None) -> None:
         self.transport = transport
+        self.metrics = metrics
         self.ack = ack
         self.late_post = late_post
         self._clock = clock
@@ -252,6 +255,8 @@ class DiscordResponder:
         await self.throttle.wait_turn()
         self.message_id = await self.transport.edit_original(
             Outgoing(rendered.content, rendered.files, tuple(buttons)))
+        if self.metrics is not None:  # the result shows once the original is edited
+            self.metrics.delivered(record)
         for chunk in rendered.followups:
             await self.transport.followup(Outgoing(chunk, ephemeral=self.ack == "ephemeral"))
         return self.message_id
@@ -313,7 +318,7 @@ class LatePost(Protocol):
                        followups: list[str], buttons: tuple[Button, ...]) -> str | None: ...
 
 
-def channel_poster(client: discord.Client, services: Services) -> LatePost:
+def channel_poster(client: discord.Client, services: Services, metrics: DiscordMetrics | None = None) -> LatePost:
     """A `LatePost` through the client's REST connection (gateway or not); a result that can't
     be posted either is marked ``expired`` (its interaction is gone, so is its channel)."""
 
@@ -331,7 +336,11 @@ def channel_poster(client: discord.Client, services: Services) -> LatePost:
             reason = "finished after the interaction token expired (15 minutes); result not delivered"
             log.warning("job %s %s: channel %s refused it (%s); marked expired", record.id, reason, channel_id, exc)
             await services.adb.run(services.store.expire, record.id, reason)
+            if metrics is not None:
+                metrics.expired(record)
             return None
+        if metrics is not None:
+            metrics.delivered(record)
         log.info("job %s finished after its interaction expired; posted to channel %s", record.id, channel_id)
         return str(message.id)
 

@@ -47,6 +47,7 @@ from bot.discord.delivery import (
     serve,
     view,
 )
+from bot.discord.metrics import DiscordMetrics
 from bot.discord.poster import DiscordPoster
 from bot.discord.registration import register
 from bot.discord.render import DEFAULT_ATTACHMENT_LIMIT
@@ -124,7 +125,9 @@ class AigcBot(ext_commands.Bot):
         self.services = build_services(self)
         self.force_sync = False
         self._starting: asyncio.Task[None] | None = None
-        self.late_post = channel_poster(self, self.services)
+        self.metrics = DiscordMetrics(self.services.metrics)
+        self._unwatch: Callable[[], None] | None = None
+        self.late_post = channel_poster(self, self.services, self.metrics)
         self._orphans = deliver_orphans(self.services, self.late_post)
         build_tree(self.tree, CATALOGUE.for_settings(settings), self.on_command, self.on_complete, self.on_menu)
         self.tree.on_error = self.on_tree_error
@@ -147,7 +150,7 @@ class AigcBot(ext_commands.Bot):
         return is_moderator(user.guild_permissions.value, [str(r.id) for r in roles], [r.name for r in roles], role)
 
     def responder(self, interaction: discord.Interaction, ack: Any) -> DiscordResponder:
-        return DiscordResponder(GatewayTransport(interaction), ack, late_post=self.late_post)
+        return DiscordResponder(GatewayTransport(interaction), ack, late_post=self.late_post, metrics=self.metrics)
 
     async def on_command(self, interaction: discord.Interaction, command: Command, values: dict[str, Any]) -> None:
         responder = self.responder(interaction, command.ack)
@@ -270,6 +273,8 @@ class AigcBot(ext_commands.Bot):
     # --- lifecycle ----------------------------------------------------------------------------
     async def setup_hook(self) -> None:
         self.add_dynamic_items(CatalogueButton)
+        if self._unwatch is None:
+            self._unwatch = self.metrics.watch_rate_limits()
         await self.services.start()
         assert self.application_id is not None
         await register(self.tree, self.application_id, self.settings.discord_dev_guild_ids, self.services.state,
@@ -289,6 +294,9 @@ class AigcBot(ext_commands.Bot):
         await self.services.stop_background()  # no scheduled post may outlive the connection
         self._orphans()
         await super().close()
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
 
 
 async def run_gateway(settings: Settings, *, force_sync: bool = False) -> int:
@@ -302,6 +310,7 @@ async def run_gateway(settings: Settings, *, force_sync: bool = False) -> int:
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.add_signal_handler(sig, lambda: asyncio.ensure_future(bot.close()))
     try:
+        await bot.services.serve_monitoring("gateway")  # before connecting: a port in use stops the start
         async with bot:
             await bot.start(settings.discord_token.get_secret_value())
     except discord.LoginFailure:

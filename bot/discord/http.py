@@ -55,6 +55,7 @@ from bot.discord.delivery import (
     serve,
     view,
 )
+from bot.discord.metrics import DiscordMetrics
 from bot.discord.poster import DiscordPoster
 from bot.discord.registration import register
 from bot.discord.render import DEFAULT_ATTACHMENT_LIMIT, MESSAGE_LIMIT
@@ -317,7 +318,9 @@ class InteractionEndpoint:
         self.token_window_s = token_window_s
         self.verify_key = VerifyKey(bytes.fromhex(settings.discord_public_key))
         self.role_names = RoleNames(client)
-        self.late_post = channel_poster(client, services)
+        self.metrics = DiscordMetrics(services.metrics)
+        self.late_post = channel_poster(client, services, self.metrics)
+        self._unwatch = self.metrics.watch_rate_limits()
         self.tasks: set[asyncio.Task[None]] = set()
 
     # --- the request -----------------------------------------------------------------------
@@ -392,7 +395,7 @@ class InteractionEndpoint:
         if work is None:
             return message_reply(ack)
         responder = DiscordResponder(transport, ack, late_post=self.late_post,  # type: ignore[arg-type]
-                                     token_window_s=self.token_window_s)
+                                     token_window_s=self.token_window_s, metrics=self.metrics)
         await responder.begin()  # a generation's deferral is the HTTP reply at once, before any work
         self.spawn(serve(responder, f"interaction {incoming.id}", lambda: work(responder)))
         try:
@@ -468,6 +471,7 @@ class InteractionEndpoint:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        self._unwatch()
 
 
 ENDPOINT_KEY = web.AppKey("endpoint", InteractionEndpoint)
@@ -525,6 +529,7 @@ async def run_http(settings: Settings, host: str, port: int, *, force_sync: bool
     runner: web.AppRunner | None = None
     stop_orphans: Callable[[], None] | None = None
     try:
+        await services.serve_monitoring("http")  # before logging in: a port in use stops the start
         try:
             endpoint = await start_http(settings, client, services, force_sync=force_sync)
         except discord.LoginFailure:
