@@ -11,7 +11,9 @@ stops the start with one line; a worker process would do the same with its own s
 
 from __future__ import annotations
 
+import os
 import time
+from collections.abc import Callable
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -47,12 +49,13 @@ def health(queue: GenerationQueue, process: str, started: float, now: float) -> 
     return (200 if ok else 503), body
 
 
-def monitoring_app(registry: CollectorRegistry, queue: GenerationQueue, process: str) -> web.Application:
-    """The aiohttp application serving ``/metrics`` and ``/healthz``."""
+def monitoring_app(registry: CollectorRegistry, queue: Callable[[], GenerationQueue], process: str
+                   ) -> web.Application:
+    """The aiohttp application serving ``/metrics`` and ``/healthz`` (of the queue ``queue()`` returns)."""
     started = time.time()
 
     async def healthz(_: web.Request) -> web.Response:
-        status, body = health(queue, process, started, time.time())
+        status, body = health(queue(), process, started, time.time())
         return web.json_response(body, status=status)
 
     app = web.Application()
@@ -75,7 +78,8 @@ class MonitoringServer:
             await site.start()
         except OSError as exc:
             await self._runner.cleanup()
-            reason = exc.strerror or str(exc)
+            # asyncio's own strerror repeats the address: the system's words say it once.
+            reason = os.strerror(exc.errno) if exc.errno and exc.errno > 0 else (exc.strerror or str(exc))
             raise MonitoringError(f"cannot serve metrics on {host}:{port} (AIGC_METRICS_HOST/AIGC_METRICS_PORT): "
                                   f"{reason}") from None
         self.port = _bound_port(self._runner) or port

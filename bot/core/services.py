@@ -249,10 +249,12 @@ class Services:
         port = self.settings.metrics_port
         if port is None or self._monitoring is not None:
             return self._monitoring.port if self._monitoring else None
-        _ = self.queue_metrics  # declared before the first scrape, even while the queue starts
-        server = MonitoringServer(monitoring_app(self.metrics, self.queue, process))
+        # The queue is read when asked, so a port that can't be served stops the start before
+        # the database is opened.
+        server = MonitoringServer(monitoring_app(self.metrics, lambda: self.queue, process))
         await server.start(self.settings.metrics_host, port)
         self._monitoring = server
+        _ = self.queue_metrics  # declared at once: a scrape while the queue starts shows them
         return server.port
 
     # --- models and the queue ------------------------------------------------------------

@@ -37,7 +37,7 @@ from bot.core.invocation import Button, FileOut, Form, Status, user_error
 from bot.discord.metrics import DiscordMetrics
 from bot.discord.render import progress_text, render_result, split_text
 from bot.discord.throttle import EditThrottle
-from generators.queue import JobEvent
+from generators.queue import JobEvent, job_log_fields
 from storage.jobs import JobRecord
 
 if TYPE_CHECKING:
@@ -265,7 +265,8 @@ class DiscordResponder:
                          buttons: tuple[Button, ...]) -> str | None:
         channel = self.transport.channel_id
         if channel is None or self.late_post is None:
-            log.warning("job %s finished after its interaction expired and has no channel to post to", record.id)
+            log.warning("job %s finished after its interaction expired and has no channel to post to", record.id,
+                        extra=job_log_fields(record.id, record.kind))
             return None
         return await self.late_post(channel, record, content, out, followups, buttons)
 
@@ -334,14 +335,16 @@ def channel_poster(client: discord.Client, services: Services, metrics: DiscordM
                 await channel.send(chunk, allowed_mentions=NO_MENTIONS)
         except discord.HTTPException as exc:
             reason = "finished after the interaction token expired (15 minutes); result not delivered"
-            log.warning("job %s %s: channel %s refused it (%s); marked expired", record.id, reason, channel_id, exc)
+            log.warning("job %s %s: channel %s refused it (%s); marked expired", record.id, reason, channel_id, exc,
+                        extra=job_log_fields(record.id, record.kind))
             await services.adb.run(services.store.expire, record.id, reason)
             if metrics is not None:
                 metrics.expired(record)
             return None
         if metrics is not None:
             metrics.delivered(record)
-        log.info("job %s finished after its interaction expired; posted to channel %s", record.id, channel_id)
+        log.info("job %s finished after its interaction expired; posted to channel %s", record.id, channel_id,
+                 extra=job_log_fields(record.id, record.kind))
         return str(message.id)
 
     return post
