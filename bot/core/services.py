@@ -21,7 +21,7 @@ import sqlite3
 from collections.abc import Callable, Iterable
 from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import sqlite_utils
 from prometheus_client import CollectorRegistry
@@ -54,6 +54,8 @@ if TYPE_CHECKING:
     from jobs.finetune import FinetuneRunner, NightlyTrainer
 
 log = logging.getLogger(__name__)
+
+Instruments = TypeVar("Instruments")
 
 
 class LocalTarget:
@@ -172,6 +174,7 @@ class Services:
         self._started = False
         self._background_started = False
         self._monitoring: MonitoringServer | None = None
+        self._instruments: dict[Callable[[CollectorRegistry], Any], Any] = {}
         self._unobserve: Callable[[], None] | None = None
 
     # --- storage -------------------------------------------------------------------------
@@ -238,6 +241,13 @@ class Services:
     def metrics(self) -> CollectorRegistry:
         """This bot's Prometheus registry: every instrument of the process is declared on it."""
         return CollectorRegistry()
+
+    def instruments(self, declare: Callable[[CollectorRegistry], Instruments]) -> Instruments:
+        """The instruments ``declare`` puts on `metrics`, declared once per bot however many
+        parts ask (a front end's, e.g. `bot.discord.metrics.DiscordMetrics`)."""
+        if declare not in self._instruments:
+            self._instruments[declare] = declare(self.metrics)
+        return self._instruments[declare]  # type: ignore[no-any-return]
 
     @cached_property
     def queue_metrics(self) -> QueueMetrics:

@@ -125,7 +125,7 @@ class AigcBot(ext_commands.Bot):
         self.services = build_services(self)
         self.force_sync = False
         self._starting: asyncio.Task[None] | None = None
-        self.metrics = DiscordMetrics(self.services.metrics)
+        self.metrics = self.services.instruments(DiscordMetrics)
         self._unwatch: Callable[[], None] | None = None
         self.late_post = channel_poster(self, self.services, self.metrics)
         self._orphans = deliver_orphans(self.services, self.late_post)

@@ -318,9 +318,8 @@ class InteractionEndpoint:
         self.token_window_s = token_window_s
         self.verify_key = VerifyKey(bytes.fromhex(settings.discord_public_key))
         self.role_names = RoleNames(client)
-        self.metrics = DiscordMetrics(services.metrics)
+        self.metrics = services.instruments(DiscordMetrics)
         self.late_post = channel_poster(client, services, self.metrics)
-        self._unwatch = self.metrics.watch_rate_limits()
         self.tasks: set[asyncio.Task[None]] = set()
 
     # --- the request -----------------------------------------------------------------------
@@ -471,7 +470,6 @@ class InteractionEndpoint:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        self._unwatch()
 
 
 ENDPOINT_KEY = web.AppKey("endpoint", InteractionEndpoint)
@@ -528,6 +526,7 @@ async def run_http(settings: Settings, host: str, port: int, *, force_sync: bool
     services = Services(settings, target=DiscordPoster(client), commands=CATALOGUE.switchable())
     runner: web.AppRunner | None = None
     stop_orphans: Callable[[], None] | None = None
+    unwatch = services.instruments(DiscordMetrics).watch_rate_limits()
     try:
         await services.serve_monitoring("http")  # before logging in: a port in use stops the start
         try:
@@ -554,6 +553,7 @@ async def run_http(settings: Settings, host: str, port: int, *, force_sync: bool
         await stop.wait()
         return 0
     finally:
+        unwatch()
         if stop_orphans is not None:
             stop_orphans()
         if runner is not None:
