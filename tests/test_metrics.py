@@ -23,6 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from bot.cli.logs import log_handler
 from bot.cli.main import main
 from bot.core.monitoring import MonitoringServer, app_version, monitoring_app
+from bot.discord.metrics import DiscordMetrics
 from generators.base import GeneratorError, Request, Result
 from generators.metrics import QueueMetrics
 from generators.queue import GenerationQueue, QueueConfig
@@ -32,6 +33,7 @@ from storage.jobs import NewJob, SqliteJobStore
 from tests.discord_bots import chat_answer, make_bot  # noqa: F401  (make_bot is a fixture)
 from tests.fakediscord import FakeDiscord, running_client
 from tests.scripted import ScriptedGenerator
+from tests.test_http_interactions import make_http_bot  # noqa: F401  (the endpoint fixture)
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -250,3 +252,29 @@ def test_a_metrics_port_in_use_stops_the_start_with_one_line(bot_env: Path, caps
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(f"error: cannot serve metrics on 127.0.0.1:{port} ")
     assert not (bot_env / "aigcbot.sqlite3").exists()  # refused before anything was opened
+
+
+@pytest.mark.asyncio
+async def test_http_endpoint_serves_metrics_with_rate_limits_and_delivery_lag(
+        fake_discord: FakeDiscord, make_http_bot: Any) -> None:  # noqa: F811
+    fake = fake_discord
+    port = _free_port()
+    bot = await make_http_bot({"text": ScriptedGenerator()}, metrics_port=port)
+    services = bot.services
+    assert await services.serve_monitoring("http") == port
+    unwatch = services.instruments(DiscordMetrics).watch_rate_limits()  # as run_http does for its lifetime
+    try:
+        rule = fake.rate_limit_next("PATCH", r"/messages/@original$", retry_after=0.3, count=1)
+        reply = await fake.post_interaction(bot.url, fake.slash_command("chat", {"prompt": "over http"}))
+        assert reply.status == 200 and reply.json == {"type": 5}
+        await until(lambda: bool(rule.hits))
+        await fake.wait_until(lambda: (m := fake.original_response(reply.interaction)) and "aigc:regen:1" in
+                              m.custom_ids(), timeout=10)
+        samples = await scrape(f"http://127.0.0.1:{port}")
+    finally:
+        unwatch()
+    status, body = await healthz(f"http://127.0.0.1:{port}")
+    assert status == 200 and body["process"] == "http"
+    assert value(samples, "aigc_discord_rate_limit_hits_total", scope="webhook") == 1
+    assert value(samples, "aigc_deliveries_total", lane="text", outcome="delivered") == 1
+    assert value(samples, "aigc_delivery_lag_seconds_count", lane="text") == 1
