@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import sys
 from collections.abc import Callable, Coroutine
 from datetime import UTC, datetime
@@ -126,8 +127,11 @@ def main(argv: list[str] | None = None) -> int:
 
         token = settings.discord_token.get_secret_value() if settings.discord_token else ""
         quiet = args.command != "run"
+        process = _process_name(args, settings)
         configure_logging("WARNING" if quiet else settings.log_level, secrets=[token], style=settings.log_format,
-                          process=_process_name(args, settings))
+                          process=process)
+        if process == "console":  # the console shows each job's outcome itself: no second line for it
+            logging.getLogger("generators.queue").setLevel(max(logging.WARNING, logging.getLogger().level))
         handler = COMMANDS[args.command]
         return handler(settings, args)
     except EXPECTED_ERRORS as exc:
