@@ -10,7 +10,9 @@ Every storage call runs on the one SQLite thread (``adb``).
   moderates a server (front ends combine it with Manage Server, `bot.core.permissions`);
 - `guard_prompt` / `blocked` check a text against the built-in rules, the server's
   blocklist and the channel's age restriction; a refusal is written to the safety log and
-  noted in the mod log (never the text itself: that stays in the safety log).
+  noted in the mod log (never the text itself: that stays in the safety log);
+- `guard_image` withholds a picture the image model's safety checker flagged, unless the
+  channel is age-restricted (logged and noted the same way).
 """
 
 from __future__ import annotations
@@ -25,10 +27,16 @@ from bot.settings import Settings, global_defaults
 from jobs.scheduled_posts import LogModLog, ModLog
 from storage.database import AsyncDatabase
 from storage.guild_config import ConfigStore
+from storage.jobs import JobRecord
 from storage.safety import SafetyStore
 from storage.schedules import Schedule
 
 log = logging.getLogger(__name__)
+
+NSFW_WITHHELD = ("🚫 The picture was withheld: the image model's safety checker flagged it as not safe for work; "
+                 "it is shown only in channels marked age-restricted (/config set age_restricted true).")
+#: How the safety log records a picture the model's checker flagged (the excerpt is its prompt).
+NSFW_VERDICT = Verdict(False, rule="image safety checker", category="nsfw")
 
 SELF_HARM_HELP = ("If you are thinking about hurting yourself, please talk to someone you trust or a local "
                   "crisis line; you do not have to go through this alone.")
@@ -134,6 +142,18 @@ class Moderation:
         message = refusal(verdict)
         await self.note_refusal(inv, what, message)
         return message
+
+    async def guard_image(self, inv: Invocation, record: JobRecord, what: str = "a /imagine picture") -> str | None:
+        """Check a finished image job before it is shown: None to deliver it, else the message
+        to show instead. A picture the model's safety checker flagged (``metadata["nsfw"]``) is
+        shown only in an age-restricted channel; elsewhere it is withheld, written to the safety
+        log as ``image-output`` (with its prompt) and noted in the mod log."""
+        metadata = (record.result or {}).get("metadata") or {}
+        if metadata.get("nsfw") is not True or await self.effective(inv, "age_restricted"):
+            return None
+        await self.log_block(inv, "image-output", record.prompt, NSFW_VERDICT)
+        await self.note_refusal(inv, what, NSFW_WITHHELD)
+        return NSFW_WITHHELD
 
     async def guard_scheduled_text(self, schedule: Schedule, text: str) -> str | None:
         """Check a scheduled post's text with the rules of its server and channel, as a command's
