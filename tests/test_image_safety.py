@@ -14,11 +14,14 @@ import pytest_asyncio
 from PIL import Image
 
 from bot.core.moderation import NSFW_WITHHELD
-from tests.fakediscord import FakeDiscord
+from tests.discord_bots import command, make_bot
+from tests.fakediscord import FakeDiscord, running_client
 from tests.frontends import FRONTENDS, Outcome, Shown, open_frontend
 from tests.tiny_diffusion import build_tiny_sd_pipeline
 
 pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
+
+__all__ = ["make_bot"]  # the fixture
 
 
 @pytest.fixture(scope="module")
@@ -82,5 +85,35 @@ async def test_an_unflagged_picture_shows_anywhere(open_bot: Any, pipelines: dic
         record = await bot.services.queue.get(1)
         events = await bot.services.adb.run(bot.services.safety.events, bot.fake.guild_id)
     assert record.result["metadata"]["nsfw"] is False and events == []
-    [(name, data)] = shown.files.items()
+    [data] = shown.files.values()
     assert _is_png(data) and not shown.private and NSFW_WITHHELD not in shown.text
+
+
+@pytest.mark.asyncio
+async def test_a_scheduled_flagged_picture_posts_only_to_an_age_restricted_channel(
+        fake_discord: FakeDiscord, make_bot: Any, pipelines: dict) -> None:
+    fake = fake_discord
+    bot, services = await make_bot(None, diffusion_model=pipelines[True], device="cpu")
+    art = fake.add_channel(fake.guild_id, "art")
+    modlog = fake.add_channel(fake.guild_id, "mod-log")
+    mod = fake.moderator
+    async with running_client(bot, fake):
+        await command(fake, "config set", {"key": "modlog_channel", "value": modlog["id"]}, user=mod)
+        await command(fake, "schedule add", {"channel": art["id"], "when": "hourly", "kind": "image",
+                                             "prompt": "a sunrise"}, user=mod)
+        [schedule] = await services.schedules.list_schedules(fake.guild_id)
+        [withheld] = await services.schedules.run_due(schedule.next_run_at)
+        [note] = await fake.wait_until(lambda: fake.messages(modlog["id"]))
+        assert withheld.status == "failed" and fake.messages(art["id"]) == []  # nothing posted
+        assert "its picture was withheld" in note.content and "age-restricted" in note.content
+        [event] = await services.adb.run(services.safety.events, fake.guild_id)
+        assert (event.kind, event.channel, event.user) == ("image-output", art["id"], f"schedule:{schedule.id}")
+
+        await services.adb.run(lambda: services.config.set(fake.guild_id, "age_restricted", "true",
+                                                           channel=art["id"], by="mod"))
+        [schedule] = await services.schedules.list_schedules(fake.guild_id)
+        [posted] = await services.schedules.run_due(schedule.next_run_at)
+        [message] = await fake.wait_until(lambda: fake.messages(art["id"]))
+    assert posted.status == "posted"
+    [attachment] = message.attachments
+    assert _is_png(attachment.data)

@@ -143,25 +143,37 @@ class Moderation:
         await self.note_refusal(inv, what, message)
         return message
 
-    async def guard_image(self, inv: Invocation, record: JobRecord, what: str = "a /imagine picture") -> str | None:
-        """Check a finished image job before it is shown: None to deliver it, else the message
-        to show instead. A picture the model's safety checker flagged (``metadata["nsfw"]``) is
-        shown only in an age-restricted channel; elsewhere it is withheld, written to the safety
-        log as ``image-output`` (with its prompt) and noted in the mod log."""
+    async def withhold_image(self, inv: Invocation, record: JobRecord) -> bool:
+        """Whether a finished image job must not be shown where ``inv`` was invoked: the model's
+        safety checker flagged it (``metadata["nsfw"]``) and the channel is not age-restricted.
+        A withheld picture is written to the safety log as ``image-output`` (with its prompt)."""
         metadata = (record.result or {}).get("metadata") or {}
         if metadata.get("nsfw") is not True or await self.effective(inv, "age_restricted"):
-            return None
+            return False
         await self.log_block(inv, "image-output", record.prompt, NSFW_VERDICT)
+        return True
+
+    async def guard_image(self, inv: Invocation, record: JobRecord, what: str = "a /imagine picture") -> str | None:
+        """Check a finished image job before it is shown: None to deliver it, else the message
+        to show instead (`withhold_image`; a withheld one is noted in the mod log too)."""
+        if not await self.withhold_image(inv, record):
+            return None
         await self.note_refusal(inv, what, NSFW_WITHHELD)
         return NSFW_WITHHELD
+
+    async def guard_scheduled_image(self, schedule: Schedule, record: JobRecord) -> str | None:
+        """`withhold_image` for a scheduled post in its channel: None to post it, else the mod
+        log's reason."""
+        if not await self.withhold_image(_scheduled(schedule), record):
+            return None
+        return ("its picture was withheld: the image model's safety checker flagged it as not safe for work and "
+                "the channel is not marked age-restricted")
 
     async def guard_scheduled_text(self, schedule: Schedule, text: str) -> str | None:
         """Check a scheduled post's text with the rules of its server and channel, as a command's
         answer there would be: None to post it, else the mod log's reason (logged as
         ``schedule-output``; the text itself stays in the safety log)."""
-        inv = Invocation(user_id=f"schedule:{schedule.id}", source="schedule", guild_id=schedule.guild,
-                         channel_id=schedule.channel)
-        verdict = await self.blocked(inv, "schedule-output", text)
+        verdict = await self.blocked(_scheduled(schedule), "schedule-output", text)
         return None if verdict is None else f"its text was withheld: it contained {category_label(verdict)}"
 
     async def note_refusal(self, inv: Invocation, what: str, message: str) -> None:
@@ -173,3 +185,9 @@ class Moderation:
             await self.modlog.note(inv.guild_id, f"🛡️ Blocked {what} from {who}{where}. {reason}")
         except Exception:  # the member has their answer; a broken mod log must not turn it into an error
             log.exception("could not write a mod-log note")
+
+
+def _scheduled(schedule: Schedule) -> Invocation:
+    """A scheduled post checked as a command's answer in its server and channel would be."""
+    return Invocation(user_id=f"schedule:{schedule.id}", source="schedule", guild_id=schedule.guild,
+                      channel_id=schedule.channel)
