@@ -11,6 +11,13 @@ loads, so the bot runs without it. Options:
 * ``cpu_offload``: ``enable_model_cpu_offload()``: each component moves to the GPU only
   while it runs, for cards too small to hold the whole pipeline.
 
+Safety checker: a Stable Diffusion folder or repo may ship one (``safety_checker`` and
+``feature_extractor``). Inside the pipeline it would black out what it flags; the bot wants
+the flag, not the black-out, so it can decide per channel (`bot.core.flow`). So the pipeline
+loads without it and the checker runs here on the finished pictures: ``metadata["nsfw"]`` is
+True when it flags any of them (absent when the model has no checker), and the pictures are
+kept as they are.
+
 Per-step progress comes from ``callback_on_step_end``; a cancelled request raises
 :class:`~generators.base.Cancelled` from that callback, which stops the denoising loop
 at once (no wasted decode). The seed drives a CPU ``torch.Generator`` so a seed gives the
@@ -25,6 +32,7 @@ import inspect
 import time
 from typing import Any
 
+import numpy as np
 import torch
 
 from generators.base import Cancelled, Generator, GeneratorError, Output, Request, Result
@@ -82,6 +90,7 @@ class DiffusionGenerator(Generator):
         self.max_side = max_side
         self.local_files_only = local_files_only
         self.pipe: Any = None
+        self.checker: SafetyChecker | None = None
 
     # --- validation --------------------------------------------------------------------
 
@@ -149,6 +158,8 @@ class DiffusionGenerator(Generator):
         if self.quantize_4bit:
             kwargs["quantization_config"] = self._quantization_config(diffusers, dtype)
         try:
+            index = diffusers.DiffusionPipeline.load_config(self.model_id, local_files_only=self.local_files_only)
+            kwargs.update(_without_checker(diffusers, index))
             try:
                 pipe = diffusers.AutoPipelineForText2Image.from_pretrained(self.model_id, **kwargs)
             except ValueError:
@@ -161,10 +172,16 @@ class DiffusionGenerator(Generator):
         else:
             pipe.to(self.device)
         pipe.set_progress_bar_config(disable=True)  # progress goes to on_progress instead
-        self.pipe = pipe
+        checker = None
+        if _has_checker(index):
+            # Offloading is for small cards: the checker then runs on the CPU, in float32.
+            device, checker_dtype = ("cpu", torch.float32) if self.cpu_offload else (self.device, dtype)
+            checker = SafetyChecker.load(self.model_id, device, checker_dtype, self.local_files_only)
+        self.pipe, self.checker = pipe, checker
 
     def unload(self) -> None:
         self.pipe = None
+        self.checker = None
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -172,12 +189,10 @@ class DiffusionGenerator(Generator):
     def memory_bytes(self) -> int:
         if self.pipe is None:
             return 0
-        total = 0
-        for component in self.pipe.components.values():
-            if isinstance(component, torch.nn.Module):
-                total += sum(t.numel() * t.element_size() for t in component.parameters())
-                total += sum(t.numel() * t.element_size() for t in component.buffers())
-        return total
+        modules = [c for c in self.pipe.components.values() if isinstance(c, torch.nn.Module)]
+        if self.checker is not None:
+            modules.append(self.checker.model)
+        return sum(_module_bytes(module) for module in modules)
 
     # --- generation ----------------------------------------------------------------------
 
@@ -221,6 +236,7 @@ class DiffusionGenerator(Generator):
             images = pipe(**call).images
         if request.cancelled():
             raise Cancelled()
+        flagged = self.checker.flags(list(images)) if self.checker is not None else None
         request.on_progress(1.0, "encoding")
         picture = grid(list(images), columns=2 if len(images) > 1 else 1)
         png = encode_png(
@@ -234,19 +250,79 @@ class DiffusionGenerator(Generator):
                 "guidance": params["guidance"],
             },
         )
-        return Result(
-            outputs=[Output(data=png, mime="image/png", filename=f"diffusion-{seed}.png")],
-            metadata={
-                **params,
-                "model": self.model_id,
-                "seed": seed,
-                "device": self.device,
-                "quantize_4bit": self.quantize_4bit,
-                "width": picture.width,
-                "height": picture.height,
-                "elapsed_s": round(time.monotonic() - started, 3),
-            },
-        )
+        metadata: dict[str, Any] = {
+            **params,
+            "model": self.model_id,
+            "seed": seed,
+            "device": self.device,
+            "quantize_4bit": self.quantize_4bit,
+            "width": picture.width,
+            "height": picture.height,
+        }
+        if flagged is not None:
+            metadata["nsfw"] = any(flagged)
+        metadata["elapsed_s"] = round(time.monotonic() - started, 3)
+        return Result(outputs=[Output(data=png, mime="image/png", filename=f"diffusion-{seed}.png")],
+                      metadata=metadata)
+
+
+class SafetyChecker:
+    """A Stable Diffusion safety checker run outside its pipeline: it says which pictures it
+    flags and changes none of them."""
+
+    def __init__(self, model: Any, processor: Any, device: str, dtype: torch.dtype) -> None:
+        self.model = model
+        self.processor = processor
+        self.device = device
+        self.dtype = dtype
+
+    @classmethod
+    def load(cls, model_id: str, device: str, dtype: torch.dtype, local_files_only: bool) -> SafetyChecker:
+        from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+        from transformers import AutoImageProcessor
+
+        try:
+            model = StableDiffusionSafetyChecker.from_pretrained(
+                model_id, subfolder="safety_checker", dtype=dtype, local_files_only=local_files_only)
+            processor = AutoImageProcessor.from_pretrained(
+                model_id, subfolder="feature_extractor", local_files_only=local_files_only)
+        except Exception as e:  # as for the pipeline: the user needs the message
+            raise GeneratorError(f"cannot load the safety checker of {model_id!r}: {e}") from e
+        model.to(device).eval()
+        return cls(model, processor, device, dtype)
+
+    def flags(self, images: list[Any]) -> list[bool]:
+        """For each PIL image, whether the checker flags it as not safe for work."""
+        clip_input = self.processor(images, return_tensors="pt").pixel_values.to(self.device, self.dtype)
+        # Its forward blacks out what it flags in the arrays it is given: give it copies.
+        copies = [np.asarray(image, dtype=np.float32) / 255.0 for image in images]
+        with torch.inference_mode():
+            _, flagged = self.model(clip_input=clip_input, images=copies)
+        return [bool(flag) for flag in flagged]
+
+
+def _has_checker(index: dict[str, Any]) -> bool:
+    """Whether model_index.json names a safety checker (a saved pipeline lists an absent one
+    as ``[null, null]``)."""
+    entry = index.get("safety_checker")
+    return isinstance(entry, list | tuple) and any(entry) and bool(index.get("feature_extractor"))
+
+
+def _without_checker(diffusers: Any, index: dict[str, Any]) -> dict[str, Any]:
+    """The from_pretrained options that load a pipeline without its safety checker, for the
+    pipelines that have one (other pipelines would warn about an unexpected option)."""
+    if "safety_checker" not in index:
+        return {}
+    options: dict[str, Any] = {"safety_checker": None}
+    pipeline_class = getattr(diffusers, str(index.get("_class_name")), None)
+    if pipeline_class is not None and "requires_safety_checker" in inspect.signature(pipeline_class).parameters:
+        options["requires_safety_checker"] = False  # else it warns that the checker is missing
+    return options
+
+
+def _module_bytes(module: torch.nn.Module) -> int:
+    tensors = [*module.parameters(), *module.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
 
 
 def _whole(value: Any, name: str, low: int, high: int) -> int:

@@ -138,6 +138,8 @@ PlaceNames = Callable[[str | None, str], MaybeAwaitable[tuple[str, str]]]
 TimezoneFor = Callable[[str | None], "MaybeAwaitable[str]"]
 # (schedule, generated text) -> None to post it, else why it is withheld (for the mod log).
 TextCheck = Callable[["Schedule", str], Awaitable[str | None]]
+# (schedule, finished image job) -> None to post it, else why it is withheld.
+ImageCheck = Callable[["Schedule", JobRecord], Awaitable[str | None]]
 
 
 def no_quote(guild: str | None) -> str | None:
@@ -269,6 +271,7 @@ class ScheduledPoster(LiveScheduler):
                  sync_s: float = 60.0,
                  priority: int = SCHEDULE_PRIORITY,
                  check_text: TextCheck | None = None,
+                 check_image: ImageCheck | None = None,
                  db: AsyncDatabase | None = None) -> None:
         self.store = store
         self.queue = queue
@@ -291,6 +294,7 @@ class ScheduledPoster(LiveScheduler):
         self.sync_job_id = "schedules-sync"
         self.priority = priority
         self.check_text = check_text
+        self.check_image = check_image
         self._db = db or AsyncDatabase()
         self._owns_db = db is None
         self._lock = asyncio.Lock()  # claiming slots: one claimer at a time in this process
@@ -432,6 +436,9 @@ class ScheduledPoster(LiveScheduler):
                 if not text and not files:
                     raise _GiveUp(f"job {record.id} produced nothing to post")
                 if text and self.check_text is not None and (withheld := await self.check_text(schedule, text)):
+                    raise _GiveUp(withheld)
+                if (record.kind == "image" and self.check_image is not None
+                        and (withheld := await self.check_image(schedule, record))):
                     raise _GiveUp(withheld)
                 await self.poster.send(schedule.channel, text, files)
                 break

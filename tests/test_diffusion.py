@@ -105,3 +105,38 @@ def test_4bit_needs_cuda_and_clear_errors(tiny_pipeline: str) -> None:
         DiffusionGenerator("/nonexistent/model", local_files_only=True).load()
     with pytest.raises(GeneratorError, match="device"):
         DiffusionGenerator(tiny_pipeline, device="tpu")
+
+
+@pytest.fixture(scope="module")
+def checked(tmp_path_factory: pytest.TempPathFactory):
+    """Two tiny pipelines with a safety checker: one flags every picture, one none."""
+    from generators.diffusion import DiffusionGenerator
+
+    generators = {}
+    for flags in (True, False):
+        folder = build_tiny_sd_pipeline(tmp_path_factory.mktemp(f"tiny-sd-checker-{flags}"), checker_flags=flags)
+        generators[flags] = DiffusionGenerator(folder, device="cpu", steps=2, local_files_only=True)
+        generators[flags].load()
+    return generators
+
+
+def test_the_safety_checker_flags_without_blacking_out(checked, loaded) -> None:
+    # Loaded apart from the pipeline, which would black out what it flags.
+    assert checked[True].pipe.safety_checker is None and checked[True].checker is not None
+    assert checked[True].memory_bytes() > checked[True].memory_bytes() - _bytes(checked[True].checker.model) > 0
+    pictures = {}
+    for flags, generator in checked.items():
+        (result,) = generator.generate([Request(1, "a red cat", {"count": 2}, seed=5)])
+        assert result.metadata["nsfw"] is flags
+        pictures[flags] = Image.open(io.BytesIO(result.outputs[0].data)).convert("L")
+    # The flagged grid is the picture itself (same weights and seed as the unflagged one), not black.
+    assert pictures[True].getextrema()[1] > 0
+    assert pictures[True].tobytes() == pictures[False].tobytes()
+    # A model without a checker says nothing either way.
+    assert loaded.checker is None
+    (plain,) = loaded.generate([Request(2, "a red cat", {}, seed=5)])
+    assert "nsfw" not in plain.metadata
+
+
+def _bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])

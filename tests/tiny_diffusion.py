@@ -3,6 +3,7 @@
 No Hub download: a CLIP tokenizer over single characters, a two-block UNet, a two-block VAE
 and a one-layer text encoder, randomly initialised. ``width`` scales every part (8 for the
 tests on the CPU; bench/gpu_check.py uses a wider one, so 4-bit layers have real work).
+``checker_flags`` adds a tiny safety checker that flags every picture (True) or none (False).
 """
 
 from __future__ import annotations
@@ -30,7 +31,34 @@ def _tiny_tokenizer(folder: Path) -> tuple[Any, int]:
     return tokenizer, len(vocab)
 
 
-def build_tiny_sd_pipeline(root: Path, *, width: int = 8, sample_size: int = 8, seed: int = 0) -> str:
+def _tiny_safety_checker(flags: bool) -> tuple[Any, Any]:
+    """A StableDiffusionSafetyChecker on a tiny CLIP vision tower, and its image processor.
+
+    The checker flags a picture when a cosine similarity (from -1 to 1) exceeds a concept's
+    threshold: thresholds of -2 flag every picture, thresholds of 2 none.
+    """
+    import torch
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessorPil
+
+    config = CLIPConfig(
+        text_config={"vocab_size": 64, "hidden_size": 8, "intermediate_size": 16, "num_attention_heads": 2,
+                     "num_hidden_layers": 1, "max_position_embeddings": 16},
+        vision_config={"image_size": 32, "patch_size": 8, "hidden_size": 8, "intermediate_size": 16,
+                       "num_attention_heads": 2, "num_hidden_layers": 1},
+        projection_dim=8,
+    )
+    checker = StableDiffusionSafetyChecker(config)
+    threshold = -2.0 if flags else 2.0
+    with torch.no_grad():
+        checker.concept_embeds_weights.fill_(threshold)
+        checker.special_care_embeds_weights.fill_(threshold)
+    processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    return checker, processor
+
+
+def build_tiny_sd_pipeline(root: Path, *, width: int = 8, sample_size: int = 8, seed: int = 0,
+                           checker_flags: bool | None = None) -> str:
     """Save a randomly initialised, very small SD pipeline under ``root``; return its folder."""
     import torch
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
@@ -73,15 +101,18 @@ def build_tiny_sd_pipeline(root: Path, *, width: int = 8, sample_size: int = 8, 
             pad_token_id=1,
         )
     )
+    safety_checker, feature_extractor = None, None
+    if checker_flags is not None:
+        safety_checker, feature_extractor = _tiny_safety_checker(checker_flags)
     pipe = StableDiffusionPipeline(
         unet=unet,
         vae=vae,
         text_encoder=text_encoder,
         tokenizer=tokenizer,
         scheduler=DDIMScheduler(beta_schedule="scaled_linear", clip_sample=False, steps_offset=1),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+        safety_checker=safety_checker,
+        feature_extractor=feature_extractor,
+        requires_safety_checker=checker_flags is not None,
     )
     folder = root / "pipeline"
     pipe.save_pretrained(folder)

@@ -10,7 +10,8 @@ front end (gateway, HTTP endpoint, console) and every generation command.
    limit, cooldown and daily quota are checked again atomically as it is written;
 4. **follow**: `Status` lines (position, progress) and, for text, the streamed answer;
 5. **check**: a text answer loses its ``<think>`` reasoning and passes the safety rules
-   (a blocked answer is withheld and logged once);
+   (a blocked answer is withheld and logged once); a picture the image model's safety
+   checker flagged is withheld outside age-restricted channels (`Moderation.guard_image`);
 6. **record**: a text answer is recorded as a conversation turn under the message that
    shows it, so a reply continues it;
 7. **deliver**: the result with its buttons (`JobButtons`, declared with the commands).
@@ -256,6 +257,9 @@ async def _run(inv: Invocation, responder: Responder, services: Services, job: N
         final = await guard.check(final)
         if final is None:
             return None
+    if final.kind == "image" and (withheld := await services.moderation.guard_image(inv, final)):
+        await responder.error(withheld)  # the picture itself is never posted
+        return None
     can_speak = final.kind == "text" and services.registry.available("audio")
     message_id = await responder.result(final, buttons.finished(final, can_speak=can_speak))
     if record is not None and message_id is not None:

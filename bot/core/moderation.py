@@ -10,7 +10,9 @@ Every storage call runs on the one SQLite thread (``adb``).
   moderates a server (front ends combine it with Manage Server, `bot.core.permissions`);
 - `guard_prompt` / `blocked` check a text against the built-in rules, the server's
   blocklist and the channel's age restriction; a refusal is written to the safety log and
-  noted in the mod log (never the text itself: that stays in the safety log).
+  noted in the mod log (never the text itself: that stays in the safety log);
+- `guard_image` withholds a picture the image model's safety checker flagged, unless the
+  channel is age-restricted (logged and noted the same way).
 """
 
 from __future__ import annotations
@@ -25,10 +27,16 @@ from bot.settings import Settings, global_defaults
 from jobs.scheduled_posts import LogModLog, ModLog
 from storage.database import AsyncDatabase
 from storage.guild_config import ConfigStore
+from storage.jobs import JobRecord
 from storage.safety import SafetyStore
 from storage.schedules import Schedule
 
 log = logging.getLogger(__name__)
+
+NSFW_WITHHELD = ("🚫 The picture was withheld: the image model's safety checker flagged it as not safe for work; "
+                 "it is shown only in channels marked age-restricted (/config set age_restricted true).")
+#: How the safety log records a picture the model's checker flagged (the excerpt is its prompt).
+NSFW_VERDICT = Verdict(False, rule="image safety checker", category="nsfw")
 
 SELF_HARM_HELP = ("If you are thinking about hurting yourself, please talk to someone you trust or a local "
                   "crisis line; you do not have to go through this alone.")
@@ -135,13 +143,37 @@ class Moderation:
         await self.note_refusal(inv, what, message)
         return message
 
+    async def withhold_image(self, inv: Invocation, record: JobRecord) -> bool:
+        """Whether a finished image job must not be shown where ``inv`` was invoked: the model's
+        safety checker flagged it (``metadata["nsfw"]``) and the channel is not age-restricted.
+        A withheld picture is written to the safety log as ``image-output`` (with its prompt)."""
+        metadata = (record.result or {}).get("metadata") or {}
+        if metadata.get("nsfw") is not True or await self.effective(inv, "age_restricted"):
+            return False
+        await self.log_block(inv, "image-output", record.prompt, NSFW_VERDICT)
+        return True
+
+    async def guard_image(self, inv: Invocation, record: JobRecord, what: str = "a /imagine picture") -> str | None:
+        """Check a finished image job before it is shown: None to deliver it, else the message
+        to show instead (`withhold_image`; a withheld one is noted in the mod log too)."""
+        if not await self.withhold_image(inv, record):
+            return None
+        await self.note_refusal(inv, what, NSFW_WITHHELD)
+        return NSFW_WITHHELD
+
+    async def guard_scheduled_image(self, schedule: Schedule, record: JobRecord) -> str | None:
+        """`withhold_image` for a scheduled post in its channel: None to post it, else the mod
+        log's reason."""
+        if not await self.withhold_image(_scheduled(schedule), record):
+            return None
+        return ("its picture was withheld: the image model's safety checker flagged it as not safe for work and "
+                "the channel is not marked age-restricted")
+
     async def guard_scheduled_text(self, schedule: Schedule, text: str) -> str | None:
         """Check a scheduled post's text with the rules of its server and channel, as a command's
         answer there would be: None to post it, else the mod log's reason (logged as
         ``schedule-output``; the text itself stays in the safety log)."""
-        inv = Invocation(user_id=f"schedule:{schedule.id}", source="schedule", guild_id=schedule.guild,
-                         channel_id=schedule.channel)
-        verdict = await self.blocked(inv, "schedule-output", text)
+        verdict = await self.blocked(_scheduled(schedule), "schedule-output", text)
         return None if verdict is None else f"its text was withheld: it contained {category_label(verdict)}"
 
     async def note_refusal(self, inv: Invocation, what: str, message: str) -> None:
@@ -153,3 +185,9 @@ class Moderation:
             await self.modlog.note(inv.guild_id, f"🛡️ Blocked {what} from {who}{where}. {reason}")
         except Exception:  # the member has their answer; a broken mod log must not turn it into an error
             log.exception("could not write a mod-log note")
+
+
+def _scheduled(schedule: Schedule) -> Invocation:
+    """A scheduled post checked as a command's answer in its server and channel would be."""
+    return Invocation(user_id=f"schedule:{schedule.id}", source="schedule", guild_id=schedule.guild,
+                      channel_id=schedule.channel)

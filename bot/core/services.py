@@ -330,6 +330,7 @@ class Services:
             SqliteScheduleStore(self.db), self.queue, self.target, db=self.adb, modlog=self.modlog,
             channel_exists=self.target.can_post, names=self.target.names, timezone_for=self._zone,
             quote_provider=self._community_quote, check_text=self.moderation.guard_scheduled_text,
+            check_image=self.moderation.guard_scheduled_image,
             **{**poster_options(self.settings), **local, **self._schedule_options})
 
     @cached_property
