@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import time
 from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ from generators.text_batch import Row, RunningBatch, StreamDecoder
 log = logging.getLogger(__name__)
 
 FULL_PRECISION: dict[str, Any] = {"dtype": torch.float32}
-STREAM_EVERY = 2  # tokens between partial-text callbacks; the bot throttles edits further
+STREAM_EVERY_S = 0.25  # partial text at most this often per row: the bot throttles its edits further
 
 
 class TextGenerator(Generator):
@@ -248,7 +249,9 @@ class TextGenerator(Generator):
                 row.reason = "cancelled"
             elif len(row.tokens) >= row.max_new_tokens:
                 row.reason = "length"
-        if (row.reason is not None or len(row.tokens) % STREAM_EVERY == 0) and stream.advance(row.tokens):
+        now = time.monotonic()
+        if (row.reason is not None or now - stream.shown_at >= STREAM_EVERY_S) and stream.advance(row.tokens):
+            stream.shown_at = now
             row.request.on_partial(stream.text)
 
     def _result(self, row: Row, stream: StreamDecoder) -> Result:

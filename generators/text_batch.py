@@ -290,6 +290,7 @@ class StreamDecoder:
         self.tokenizer = tokenizer
         self.text = ""
         self.prefix = self.read = 0
+        self.shown_at = 0.0  # when the text was last handed on (time.monotonic)
 
     def advance(self, tokens: list[int]) -> bool:
         """Take the row's tokens so far; True when the text grew."""

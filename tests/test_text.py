@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from generators import text
 from generators.adapters import AdapterTextGenerator
 from generators.base import Feed, GeneratorError, Request
 from generators.queue import GenerationQueue, QueueConfig
@@ -71,7 +72,8 @@ def test_same_seed_same_text_and_different_seed_differs(tiny: TextGenerator) -> 
     assert run(7) != run(8)
 
 
-def test_streaming_partials_grow_to_the_final_text(tiny: TextGenerator) -> None:
+def test_streaming_partials_grow_to_the_final_text(tiny: TextGenerator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(text, "STREAM_EVERY_S", 0.0)  # every token's text, not four a second
     partials: list[str] = []
     request = _request(tiny, "stream", max_new_tokens=20, temperature=0.0)
     request.on_partial = partials.append
@@ -93,7 +95,8 @@ def test_batch_gives_each_row_its_own_result(tiny: TextGenerator) -> None:
     assert {r.metadata["batch_size"] for r in batched} == {3}
 
 
-def test_cancel_stops_one_row_and_not_the_others(tiny: TextGenerator) -> None:
+def test_cancel_stops_one_row_and_not_the_others(tiny: TextGenerator, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(text, "STREAM_EVERY_S", 0.0)  # the cancel below is pressed from a partial
     keep = _request(tiny, "keep", job_id=1, max_new_tokens=40)
     stop = _request(tiny, "stop", job_id=2, max_new_tokens=40)
     stop.on_partial = lambda text: stop.cancel_event.set() if len(text) >= 4 else None
