@@ -215,6 +215,7 @@ class _Run:
     timers: dict[int, asyncio.TimerHandle] = field(default_factory=dict)
     finished: set[int] = field(default_factory=set)
     settling: list[asyncio.Task[None]] = field(default_factory=list)
+    joins: list[concurrent.futures.Future[list[Request]]] = field(default_factory=list)
 
 
 class _QueueFeed(Feed):
@@ -235,10 +236,12 @@ class _QueueFeed(Feed):
         if not self.run.lane.waiting or limit <= 0:  # a racy read, fine: checked again on the loop
             return []
         future = asyncio.run_coroutine_threadsafe(self.queue._join(self.run, limit), self.loop)
+        self.run.joins.append(future)
         try:
             joined = future.result(self.JOIN_TIMEOUT_S)
-        except (concurrent.futures.TimeoutError, RuntimeError):  # the loop is busy or closing
-            future.cancel()
+        except (concurrent.futures.TimeoutError, RuntimeError):
+            # The loop is busy or closing. Not cancelled: jobs it claims anyway are put back
+            # in the queue when the batch ends (they were never handed to the generator).
             return []
         self.handed += joined
         return joined
@@ -529,6 +532,7 @@ class GenerationQueue:
         nice = self.config.model_nice if generator.local else 0
         results: list[Result] | None = None
         error: str | None = None
+        feed: _QueueFeed | None = None
         try:
             if generator.continuous:
                 feed = _QueueFeed(self, run, asyncio.get_running_loop())
@@ -548,9 +552,15 @@ class GenerationQueue:
             error = f"generation failed ({type(exc).__name__}); see the bot's log"
         finally:
             watcher.cancel()
+        await asyncio.gather(*(asyncio.wrap_future(join) for join in run.joins), return_exceptions=True)
         await asyncio.gather(*run.settling)  # jobs that left a continuous batch as they finished
+        handed = {r.job_id for r in feed.handed} if feed is not None else None
         for index, request in enumerate(list(run.requests)):
-            if request.job_id not in run.finished:
+            if request.job_id in run.finished:
+                continue
+            if handed is not None and request.job_id not in handed:  # claimed as the batch ended
+                await self._requeue(run, request)
+            else:
                 await self._finish_job(run, request, results[index] if results else None, error)
 
     def _start_job(self, run: _Run, record: JobRecord) -> None:
@@ -571,6 +581,15 @@ class GenerationQueue:
         run.timers.pop(request.job_id).cancel()
         run.lane.running.pop(request.job_id, None)
         await self._settle(run.records[request.job_id], request, result, error)
+
+    async def _requeue(self, run: _Run, request: Request) -> None:
+        """A job claimed to join a batch that never got it (the model thread stopped waiting):
+        back to the lane, not failed."""
+        run.finished.add(request.job_id)
+        run.timers.pop(request.job_id).cancel()
+        run.lane.running.pop(request.job_id, None)
+        await self._db.run(self.store.requeue, request.job_id, "queued again: the batch it was to join had ended")
+        run.lane.add(await self.get(request.job_id), next(self._seq))
 
     async def _join(self, run: _Run, limit: int) -> list[Request]:
         """Waiting jobs that join a running continuous batch: those at the head of the lane's

@@ -218,3 +218,27 @@ def test_packaged_smollm2_answers(tmp_path: Path) -> None:
     result = generator.generate([request])[0]
     assert "paris" in (result.text or "").lower()
     assert result.metadata["tokens"] <= 16
+
+
+@pytest.mark.asyncio
+async def test_jobs_claimed_for_a_batch_the_model_stopped_waiting_for_run_later(
+        tmp_path: Path, tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """If the loop answers a join too late (the model thread gives up waiting), the jobs it
+    claimed are put back in the queue when the batch ends and run next: none is lost or failed."""
+    from generators import queue as queue_module
+
+    monkeypatch.setattr(queue_module._QueueFeed, "JOIN_TIMEOUT_S", 0.0)
+    generator = CountingTextGenerator(str(tiny_model_dir), max_new_tokens=512, ignore_eos=True)
+    async with text_queue(tmp_path, generator) as queue:
+        first = await queue.submit(NewJob(kind="text", model="", prompt="running", requester="u0",
+                                          params={"temperature": 0.0, "max_new_tokens": 300}))
+        async for event in queue.watch(first.id):
+            if event.type == "partial":
+                break
+        late = [await queue.submit(NewJob(kind="text", model="", prompt=f"late {i}", requester=f"u{i + 1}",
+                                          params={"temperature": 0.0, "max_new_tokens": 5})) for i in range(2)]
+        done = [await queue.wait(r.id) for r in (first, *late)]
+    assert [r.status for r in done] == ["succeeded"] * 3
+    assert generator.calls == [1, 2]  # the late two ran in a batch of their own, after the first
+    assert [r.result["text"] for r in done[1:] if r.result] == [
+        solo(generator, f"late {i}", temperature=0.0, max_new_tokens=5) for i in range(2)]
