@@ -92,6 +92,35 @@ def keep_best(results: dict[str, dict[str, Any]], key: str, outcomes: list[tuple
         results[key] = run
 
 
+async def start_queue(generator: Any) -> Any:
+    """The bot's queue (SQLite in a temporary folder) serving ``generator`` as its text model."""
+    import tempfile
+
+    from generators.queue import GenerationQueue, QueueConfig
+    from generators.registry import ModelRegistry
+    from storage.database import open_database
+    from storage.jobs import SqliteJobStore
+
+    tmp = Path(tempfile.mkdtemp())
+    registry = ModelRegistry({"text": lambda _n: generator}, {"text": "smollm2"}, budget_bytes=2**34)
+    queue = GenerationQueue(SqliteJobStore(open_database(tmp / "bench.sqlite3")), registry,
+                            QueueConfig(artifacts_dir=tmp / "a", max_pending_per_user=100))
+    await queue.start()
+    return queue
+
+
+async def through_queue(queue: Any, user: int, prompt: str, tokens: int) -> tuple[float, int]:
+    """One member's greedy text job through the bot's queue: (latency s, tokens generated)."""
+    from storage.jobs import NewJob
+
+    start = time.perf_counter()
+    record = await queue.submit(NewJob(kind="text", model="", prompt=prompt, requester=f"u{user}",
+                                       params={"temperature": 0.0, "max_new_tokens": tokens}))
+    done = await queue.wait(record.id)
+    assert done.status == "succeeded", done.error
+    return time.perf_counter() - start, int((done.result or {})["metadata"]["tokens"])
+
+
 def load_reference() -> tuple[Any, Any]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -215,32 +244,18 @@ def section_queue(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def _queue(args: argparse.Namespace) -> dict[str, Any]:
-    import tempfile
 
-    from generators.queue import GenerationQueue, QueueConfig
-    from generators.registry import ModelRegistry
     from generators.text import TextGenerator
-    from storage.database import open_database
-    from storage.jobs import NewJob, SqliteJobStore
 
     batch = {"max_batch_size": args.max_batch} if args.max_batch else {}
     generator = TextGenerator("smollm2", quantization_mode=args.queue_mode, max_new_tokens=args.tokens,
                               system_prompt=SYSTEM, cache_dir=ROOT / "data" / "models", ignore_eos=True, **batch)
     # Not loaded here: the warm-up job loads it on the lane's thread, as in the bot (torch
     # work on this main thread would keep an OpenMP team alive that slows the lane's).
-    tmp = Path(tempfile.mkdtemp())
-    store = SqliteJobStore(open_database(tmp / "bench.sqlite3"))
-    registry = ModelRegistry({"text": lambda _n: generator}, {"text": "smollm2"}, budget_bytes=2**34)
-    queue = GenerationQueue(store, registry, QueueConfig(artifacts_dir=tmp / "a", max_pending_per_user=100))
-    await queue.start()
+    queue = await start_queue(generator)
 
-    async def one(user: int, prompt: str) -> tuple[float, int]:
-        start = time.perf_counter()
-        record = await queue.submit(NewJob(kind="text", model="", prompt=prompt, requester=f"u{user}",
-                                           params={"temperature": 0.0, "max_new_tokens": args.tokens}))
-        done = await queue.wait(record.id)
-        assert done.status == "succeeded", done.error
-        return time.perf_counter() - start, int((done.result or {})["metadata"]["tokens"])
+    def one(user: int, prompt: str) -> Any:
+        return through_queue(queue, user, prompt, args.tokens)
 
     await one(0, "hi")  # warm-up
     results = {}
@@ -279,12 +294,8 @@ async def _vllm(args: argparse.Namespace) -> dict[str, Any]:
     import openai
 
     from generators.openai_text import OpenAITextGenerator
-    from generators.queue import GenerationQueue, QueueConfig
-    from generators.registry import ModelRegistry
     from generators.sampling import DEFAULTS
     from generators.text import TextGenerator
-    from storage.database import open_database
-    from storage.jobs import NewJob, SqliteJobStore
 
     # The packaged SmolLM2 as the bot converts it once (safetensors): vLLM loads that folder as is.
     folder = TextGenerator("smollm2", cache_dir=ROOT / "data" / "models").converted_folder()
@@ -327,21 +338,12 @@ async def _vllm(args: argparse.Namespace) -> dict[str, Any]:
                     tokens = chunk.usage.completion_tokens
             return time.perf_counter() - start, tokens
 
-        tmp = Path(tempfile.mkdtemp())
         generator = OpenAITextGenerator(url, None, "smollm2", max_new_tokens=args.tokens, concurrency=64,
                                         system_prompt=SYSTEM, extra_body={"ignore_eos": True})
-        registry = ModelRegistry({"text": lambda _n: generator}, {"text": "smollm2"}, budget_bytes=2**34)
-        queue = GenerationQueue(SqliteJobStore(open_database(tmp / "bench.sqlite3")), registry,
-                                QueueConfig(artifacts_dir=tmp / "a", max_pending_per_user=100))
-        await queue.start()
+        queue = await start_queue(generator)
 
-        async def through_bot(user: int, prompt: str) -> tuple[float, int]:
-            start = time.perf_counter()
-            record = await queue.submit(NewJob(kind="text", model="", prompt=prompt, requester=f"u{user}",
-                                               params={"temperature": 0.0, "max_new_tokens": args.tokens}))
-            done = await queue.wait(record.id)
-            assert done.status == "succeeded", done.error
-            return time.perf_counter() - start, int((done.result or {})["metadata"]["tokens"])
+        def through_bot(user: int, prompt: str) -> Any:
+            return through_queue(queue, user, prompt, args.tokens)
 
         await direct("hi")
         await through_bot(0, "hi")  # warm-up
