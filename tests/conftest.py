@@ -2,12 +2,17 @@
 
 import shutil
 import tempfile
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
+import pytest_asyncio
 
 from tests import vllm_server
+from tests.fakediscord import FakeDiscord
 from tests.fakediscord.fixtures import *  # noqa: F403  (fake_discord, fake_discord_factory)
+from tests.frontends import FRONTENDS, open_frontend
 from tests.tiny_text import build_tiny_chat_model
 
 VLLM = pytest.StashKey[vllm_server.VllmServer]()
@@ -55,3 +60,22 @@ def vllm(pytestconfig: pytest.Config) -> vllm_server.VllmServer:
     server = pytestconfig.stash[VLLM]
     server.wait_ready()
     return server
+
+
+# --- one bot, run through each front end (gateway, HTTP endpoint, console) -----------------------
+@pytest.fixture(params=FRONTENDS)
+def kind(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest_asyncio.fixture
+async def open_bot(kind: str, fake_discord: FakeDiscord, tmp_path: Path, tiny_model_dir: Path,
+                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[..., Any]]:
+    """``async with open_bot(generators, **settings) as bot`` → a started front end of this test's
+    kind (``generators`` None: the bot's own models)."""
+    monkeypatch.chdir(tmp_path)  # no stray .env
+
+    def make(generators: dict[str, Any] | None, **overrides: Any) -> Any:
+        return open_frontend(kind, fake_discord, tmp_path / "data", tiny_model_dir, generators, **overrides)
+
+    yield make

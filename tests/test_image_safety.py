@@ -5,18 +5,15 @@ channel not marked age-restricted and delivered in one that is, on every front e
 from __future__ import annotations
 
 import io
-from collections.abc import AsyncIterator, Callable
-from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from PIL import Image
 
 from bot.core.moderation import NSFW_WITHHELD
 from tests.discord_bots import command, make_bot
 from tests.fakediscord import FakeDiscord, running_client
-from tests.frontends import FRONTENDS, Outcome, Shown, open_frontend
+from tests.frontends import Outcome, Shown
 from tests.tiny_diffusion import build_tiny_sd_pipeline
 
 pytest.importorskip("diffusers", reason="the diffusion extra is not installed")
@@ -31,22 +28,9 @@ def pipelines(tmp_path_factory: pytest.TempPathFactory) -> dict[bool, str]:
             for flags in (True, False)}
 
 
-@pytest.fixture(params=FRONTENDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest_asyncio.fixture
-async def open_bot(kind: str, fake_discord: FakeDiscord, tmp_path: Path, tiny_model_dir: Path,
-                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[..., Any]]:
-    monkeypatch.chdir(tmp_path)  # no stray .env
-
-    def make(model: str) -> Any:
-        # The bot's own models, with the diffusion model configured: /imagine uses it.
-        return open_frontend(kind, fake_discord, tmp_path / "data", tiny_model_dir, None, diffusion_model=model,
-                             device="cpu")
-
-    yield make
+def with_diffusion(open_bot: Any, model: str) -> Any:
+    """The bot's own models, with the diffusion model configured: /imagine uses it."""
+    return open_bot(None, diffusion_model=model, device="cpu")
 
 
 def _is_png(data: bytes) -> bool:
@@ -55,7 +39,7 @@ def _is_png(data: bytes) -> bool:
 
 @pytest.mark.asyncio
 async def test_a_flagged_picture_shows_only_in_an_age_restricted_channel(open_bot: Any, pipelines: dict) -> None:
-    async with open_bot(pipelines[True]) as bot:
+    async with with_diffusion(open_bot, pipelines[True]) as bot:
         withheld = await bot.run("imagine", {"prompt": "a red cat", "seed": 3})
         first = await bot.services.queue.get(1)
         events = await bot.services.adb.run(bot.services.safety.events, bot.fake.guild_id)
@@ -80,7 +64,7 @@ async def test_a_flagged_picture_shows_only_in_an_age_restricted_channel(open_bo
 
 @pytest.mark.asyncio
 async def test_an_unflagged_picture_shows_anywhere(open_bot: Any, pipelines: dict) -> None:
-    async with open_bot(pipelines[False]) as bot:
+    async with with_diffusion(open_bot, pipelines[False]) as bot:
         shown = await bot.run("imagine", {"prompt": "a red cat", "seed": 3})
         record = await bot.services.queue.get(1)
         events = await bot.services.adb.run(bot.services.safety.events, bot.fake.guild_id)

@@ -11,13 +11,11 @@ from __future__ import annotations
 import importlib.util
 import io
 import re
-from collections.abc import AsyncIterator, Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-import pytest_asyncio
 from PIL import Image
 
 from bot.commands import CATALOGUE
@@ -27,7 +25,7 @@ from storage.guild_config import KEYS
 from storage.jobs import JobNotFound
 from tests.discord_bots import PictureGenerator, RecordingGenerator, png
 from tests.fakediscord import FakeDiscord
-from tests.frontends import FRONTENDS, Frontend, Outcome, Shown, open_frontend, until
+from tests.frontends import Frontend, Outcome, Shown, until
 from tests.image_judge import digits_judge, fashion_judge
 from tests.scripted import ScriptedGenerator
 
@@ -45,23 +43,6 @@ class VoiceGenerator(RecordingGenerator):
         super().generate(requests)
         return [Result(outputs=[Output(OGG, "audio/ogg", "speech.ogg")], metadata={"seconds": 1.0})
                 for _ in requests]
-
-
-@pytest.fixture(params=FRONTENDS)
-def kind(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
-@pytest_asyncio.fixture
-async def open_bot(kind: str, fake_discord: FakeDiscord, tmp_path: Path, tiny_model_dir: Path,
-                   monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Callable[..., Any]]:
-    """``async with open_bot(generators) as bot`` → a started front end of this test's kind."""
-    monkeypatch.chdir(tmp_path)  # no stray .env
-
-    def make(generators: dict[str, Any], **overrides: Any) -> Any:
-        return open_frontend(kind, fake_discord, tmp_path / "data", tiny_model_dir, generators, **overrides)
-
-    yield make
 
 
 def answer(text: str, job: int, *, reply: bool = True) -> Outcome:
