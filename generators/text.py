@@ -240,7 +240,7 @@ class TextGenerator(Generator):
         return list(self.tokenizer(self.format_prompt(request), add_special_tokens=False).input_ids)
 
     def _append(self, row: Row, token: int, stream: StreamDecoder) -> None:
-        """Add a row's new token; decide whether it stops; stream its text every few tokens."""
+        """Add a row's new token; decide whether it stops; stream its text (at most every STREAM_EVERY_S)."""
         if token in self.eos_ids and not self.ignore_eos:
             row.reason = "end"
         else:
