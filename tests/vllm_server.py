@@ -77,7 +77,7 @@ def start(workdir: Path) -> VllmServer:
     """Build the tiny model and two adapters under ``workdir`` and start vLLM on them."""
     if not VLLM_PYTHON.exists():
         raise RuntimeError(f"no vLLM at {VLLM_PYTHON}: `make test` installs it (a virtual environment of its own)")
-    model = build_tiny_chat_model(workdir / "model", max_positions=1024, hidden_size=128, heads=2, kv_heads=2)
+    model = build_tiny_chat_model(workdir / "model", max_positions=3072, hidden_size=128, heads=2, kv_heads=2)
     adapters = [random_lora_adapter(model, workdir / f"lora{seed}", seed=seed) for seed in (1, 2)]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -86,7 +86,7 @@ def start(workdir: Path) -> VllmServer:
     env = {**os.environ, "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True", "VLLM_CPU_KVCACHE_SPACE": "1"}
     command = [str(VLLM_PYTHON), "-m", "vllm.entrypoints.openai.api_server", "--model", str(model),
                "--served-model-name", SERVED, "--host", "127.0.0.1", "--port", str(port), "--api-key", API_KEY,
-               "--max-model-len", "1024", "--dtype", "float32", "--enable-lora", "--max-lora-rank", "16",
+               "--max-model-len", "3072", "--dtype", "float32", "--enable-lora", "--max-lora-rank", "16",
                "--max-loras", "2", "--seed", "0"]
     with log.open("wb") as out:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=workdir,
