@@ -179,6 +179,11 @@ class Settings(BaseSettings):
         description="Request the privileged Message Content intent (enable it in the Developer Portal "
         "first), so replies to the bot continue a conversation even without the reply @mention.",
     )
+    discord_shards: int | Literal["auto"] | None = Field(
+        None, validation_alias=_env("AIGC_DISCORD_SHARDS"),
+        description="Gateway shards in this process: auto (the count Discord recommends) or a number (1 or "
+        "more), served by discord.py's AutoShardedBot; unset: one plain connection.",
+    )
     discord_api_base: str = Field(
         "https://discord.com/api/v10", validation_alias=_env("DISCORD_API_BASE")
     )
@@ -244,6 +249,18 @@ class Settings(BaseSettings):
         if value and (len(value) != 64 or any(c not in "0123456789abcdefABCDEF" for c in value)):
             raise ValueError("expected 64 hexadecimal characters (32-byte Ed25519 key)")
         return value or None
+
+    @field_validator("discord_shards", mode="before")
+    @classmethod
+    def _shards(cls, value: object) -> object:
+        if value is None or value == "auto":
+            return value
+        text = str(value).strip().lower() if not isinstance(value, bool) else ""
+        if text == "auto":
+            return "auto"
+        if text.isascii() and text.isdigit() and int(text) >= 1:
+            return int(text)
+        raise ValueError("expected auto or a number of shards (1 or more)")
 
     @field_validator("discord_api_base", "discord_gateway_url")
     @classmethod

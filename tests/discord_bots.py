@@ -1,8 +1,8 @@
 """Helpers for tests of the real discord.py bot through the fake Discord.
 
-``make_bot`` (a fixture: import it into a test module) builds an `AigcBot` on fresh services;
-the generators are ``ScriptedGenerator``s (or subclasses) unless ``generators`` is None (the
-bot's real registry, with the tiny text model).
+``make_bot`` (a fixture: import it into a test module) builds the gateway bot the settings ask
+for (`new_bot`) on fresh services; the generators are ``ScriptedGenerator``s (or subclasses)
+unless ``generators`` is None (the bot's real registry, with the tiny text model).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest_asyncio
 from PIL import Image
 
 from bot.core.services import Services
-from bot.discord.gateway import AigcBot, gateway_services
+from bot.discord.gateway import AigcBot, gateway_services, new_bot
 from bot.settings import load_settings
 from generators.base import Output, Request, Result
 from generators.registry import ModelRegistry
@@ -63,15 +63,15 @@ async def make_bot(fake_discord: FakeDiscord, tmp_path: Path, tiny_model_dir: Pa
     monkeypatch.chdir(tmp_path)
 
     async def make(generators: dict[str, Any] | None = None, **overrides: Any) -> tuple[AigcBot, Services]:
-        settings = load_settings(
-            data_dir=tmp_path / "data", text_model=str(tiny_model_dir), discord_token="fake-bot-token",
-            discord_application_id=int(fake_discord.app_id), discord_dev_guild_ids=[int(fake_discord.guild_id)],
-            discord_api_base=fake_discord.api_base, discord_gateway_url=fake_discord.gateway_url, **overrides)
+        settings = load_settings(**{
+            "data_dir": tmp_path / "data", "text_model": str(tiny_model_dir), "discord_token": "fake-bot-token",
+            "discord_application_id": int(fake_discord.app_id), "discord_dev_guild_ids": [int(fake_discord.guild_id)],
+            "discord_api_base": fake_discord.api_base, "discord_gateway_url": fake_discord.gateway_url, **overrides})
         registry = None
         if generators is not None:
             registry = ModelRegistry({k: (lambda _n, g=g: g) for k, g in generators.items()},
                                      {k: "m" for k in generators}, budget_bytes=2**30)
-        bot = AigcBot(settings, gateway_services(settings, registry=registry), guild_ready_timeout=0.05)
+        bot = new_bot(settings, gateway_services(settings, registry=registry), guild_ready_timeout=0.05)
         await bot.services.start()  # tests may queue jobs before the bot connects
         started.append(bot.services)
         return bot, bot.services

@@ -303,6 +303,9 @@ SETTINGS_CASES = [
                  id="surrogate-escaped-env"),
     pytest.param({"AIGC_MAX_PENDING_PER_USER": HUGE}, "AIGC_MAX_PENDING_PER_USER", "", id="overflow-number"),
     pytest.param({"AIGC_JOB_TIMEOUT_S": "nan"}, "AIGC_JOB_TIMEOUT_S", "", id="nan-timeout"),
+    pytest.param({"AIGC_DISCORD_SHARDS": "0"}, "AIGC_DISCORD_SHARDS", "auto or a number", id="zero-shards"),
+    pytest.param({"AIGC_DISCORD_SHARDS": "many"}, "AIGC_DISCORD_SHARDS", "auto or a number", id="word-shards"),
+    pytest.param({"AIGC_DISCORD_SHARDS": "٢"}, "AIGC_DISCORD_SHARDS", "auto or a number", id="arabic-shards"),
 ]
 
 

@@ -10,6 +10,9 @@ Over the gateway the bot also sees messages: replies to its answers continue con
 and deletions follow them), and a moderator's ✅ reaction approves a captured message. Once
 connected it starts capture, scheduled posts and nightly training (`Services.start_background`).
 
+Sharding (AIGC_DISCORD_SHARDS): `new_bot` builds `ShardedAigcBot`, the same bot on discord.py's
+AutoShardedBot, which runs every shard's connection in this process; unset, one plain connection.
+
 Intents: the defaults (no privileged ones) unless DISCORD_MESSAGE_CONTENT is set. Without
 the Message Content intent, Discord sends a reply's text only when it @mentions the bot (a
 reply's default), and captured texts arrive empty (so only captionless images are kept).
@@ -299,11 +302,25 @@ class AigcBot(ext_commands.Bot):
             self._unwatch = None
 
 
+class ShardedAigcBot(AigcBot, ext_commands.AutoShardedBot):
+    """`AigcBot` over several gateway connections: AutoShardedClient's connection handling
+    (it precedes `discord.Client` in the method order), AigcBot's handlers."""
+
+
+def new_bot(settings: Settings, build_services: Callable[[discord.Client], Services], **options: Any) -> AigcBot:
+    """The gateway bot AIGC_DISCORD_SHARDS asks for: unset, one connection (no shard in
+    IDENTIFY); ``auto``, the shard count Discord recommends (GET /gateway/bot); N, N shards."""
+    shards = settings.discord_shards
+    if shards is None:
+        return AigcBot(settings, build_services, **options)
+    return ShardedAigcBot(settings, build_services, shard_count=None if shards == "auto" else shards, **options)
+
+
 async def run_gateway(settings: Settings, *, force_sync: bool = False) -> int:
     """Connect to Discord and serve until interrupted; returns the exit status."""
     assert settings.discord_token is not None
     configure_endpoints(settings)
-    bot = AigcBot(settings, gateway_services(settings))
+    bot = new_bot(settings, gateway_services(settings))
     bot.force_sync = force_sync
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

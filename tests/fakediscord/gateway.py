@@ -115,6 +115,11 @@ class GatewaySession:
     def has_intent(self, intent: int) -> bool:
         return bool(self.intents & intent)
 
+    def dispatched(self, event: str) -> list[Any]:
+        """The data of the ``event`` dispatches sent to this session (kept for RESUME, so
+        the last ones), in order."""
+        return [frame["d"] for frame in self.backlog if frame["t"] == event]
+
     def owns_guild(self, guild_id: str | None) -> bool:
         """Whether this session's shard receives the guild's events (DMs go to shard 0)."""
         if self.shard is None:
@@ -391,7 +396,8 @@ class GatewayServer:
         await self.send_dispatch(session, "READY", self._build_ready(session))
         if session.has_intent(P.INTENT_GUILDS):
             for guild in self._build_guild_creates():
-                await self.send_dispatch(session, "GUILD_CREATE", guild)
+                if session.owns_guild(guild["id"]):  # each shard hears of its own guilds only
+                    await self.send_dispatch(session, "GUILD_CREATE", guild)
         if self.after_ready is not None:
             await self.after_ready(session)
 

@@ -369,6 +369,7 @@ class FakeDiscord:
         zlib_fragment_size: int | None = None,
         attachment_size_limit: int = P.DEFAULT_ATTACHMENT_SIZE_LIMIT,
         echo_message_events: bool = True,
+        recommended_shards: int = 1,
     ) -> None:
         self.token = token
         self.host, self._port = host, port
@@ -376,6 +377,7 @@ class FakeDiscord:
         self.interaction_deadline = interaction_deadline
         self.attachment_size_limit = attachment_size_limit
         self.echo_message_events = echo_message_events
+        self.recommended_shards = recommended_shards  # GET /gateway/bot's "shards"
         self.signer = InteractionSigner()
         self.spec = load_spec()
 
@@ -528,9 +530,10 @@ class FakeDiscord:
         self.users[u["id"]] = u
         return u
 
-    def add_guild(self, name: str, *, owner: Mapping[str, Any]) -> dict[str, Any]:
-        """Create a guild (with its @everyone role) owned by ``owner``, who joins it."""
-        gid = P.new_snowflake()
+    def add_guild(self, name: str, *, owner: Mapping[str, Any], shard: tuple[int, int] | None = None) -> dict[str, Any]:
+        """Create a guild (with its @everyone role) owned by ``owner``, who joins it.
+        ``shard=(id, count)`` picks an id that shard ``id`` of ``count`` serves."""
+        gid = P.new_snowflake() if shard is None else P.snowflake_on_shard(*shard)
         everyone = P.role("@everyone", id=gid, permissions=P.EVERYONE_PERMISSIONS, position=0)
         guild = P.guild(name, id=gid, owner_id=owner["id"], roles=[everyone])
         self.guilds[gid] = guild
@@ -578,7 +581,7 @@ class FakeDiscord:
             "session_type": "normal",
             "session_id": session.id,
             "resume_gateway_url": self.gateway_url,
-            "guilds": [{"id": gid, "unavailable": True} for gid in self._bot_guild_ids()],
+            "guilds": [{"id": gid, "unavailable": True} for gid in self._bot_guild_ids() if session.owns_guild(gid)],
             "private_channels": [],
             "relationships": [],
             "presences": [],
@@ -1768,7 +1771,7 @@ class FakeDiscord:
     @_route("GET", "/gateway/bot")
     async def _get_gateway_bot(self, call: _Call) -> tuple[int, Any]:
         limit = {"total": 1000, "remaining": 999, "reset_after": 14_400_000, "max_concurrency": 1}
-        return 200, {"url": self.gateway_url, "shards": 1, "session_start_limit": limit}
+        return 200, {"url": self.gateway_url, "shards": self.recommended_shards, "session_start_limit": limit}
 
     def _application(self) -> dict[str, Any]:
         return P.application(
