@@ -45,12 +45,19 @@ FakeDiscord (``server.py``)
 ``FakeDiscord(*, token="fake-bot-token", app_id=None, app_flags=0, host="127.0.0.1", port=0,
 reject_invalid=True, interaction_deadline=3.0, interactions_endpoint_url=None,
 allow_privileged_intents=True, heartbeat_interval_ms=41250, zlib_fragment_size=None,
-attachment_size_limit=10 MiB, echo_message_events=True)``
+attachment_size_limit=10 MiB, echo_message_events=True, recommended_shards=1)``
 
 - ``reject_invalid``: requests that break the spec get 400 50035 (Discord would reject them).
 - ``interaction_deadline``: a first callback later than this (seconds) gets 404 10062
   "Unknown interaction", like Discord after 3 s; HTTP-mode POSTs time out after it.
 - ``zlib_fragment_size``: split each compressed gateway message over frames of this size.
+- ``recommended_shards``: the ``shards`` of ``GET /gateway/bot`` (what an AutoShardedClient
+  without ``shard_count`` opens; also settable later as ``fake.recommended_shards``).
+
+Sharding: an IDENTIFY may carry ``shard: [id, count]`` (a bad pair is closed with 4010). Each
+session then gets READY's ``guilds``, GUILD_CREATE and every guild event only for the guilds
+with ``(guild_id >> 22) % count == id`` (DMs: shard 0), as on Discord; ``session.shard`` and
+``session.dispatched(event)`` (data of the dispatches it was sent) show what went where.
 
 Lifecycle/URLs: ``async with FakeDiscord() as fake`` (or ``await fake.start()`` /
 ``await fake.close()``); ``fake.base_url``, ``fake.api_base``, ``fake.gateway_url``,
@@ -61,7 +68,8 @@ World (payload dicts, snowflakes as strings): ``fake.app_id``, ``fake.bot_user``
 ``fake.channel_id`` (``#general``), roles ``fake.everyone_role``, ``fake.bot_role``,
 ``fake.moderator_role`` ("Moderator": Manage Guild + Manage Messages), members
 ``fake.moderator``, ``fake.member`` (ordinary), ``fake.bot_member`` (member payloads with
-``"user"``). Extend with ``add_user(username, **kw)``, ``add_guild(name, owner=user)``,
+``"user"``). Extend with ``add_user(username, **kw)``, ``add_guild(name, owner=user, shard=None)``
+(``shard=(id, count)``: a guild id that shard serves),
 ``add_role(guild_id, name, permissions=..., ...)``, ``add_channel(guild_id, name,
 permission_overwrites=[payloads.overwrite(...)])``, ``add_member(guild_id, user, roles=[...])``;
 ``permissions(user_id, channel_id=None)`` computes effective permissions like Discord.
