@@ -16,15 +16,10 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from bot.commands import CATALOGUE
-from bot.core.invocation import Invocation
-from bot.core.services import Services
 from bot.settings import SettingsError, load_settings
 from tests.fake_openai import FakeOpenAI
-from tests.handlers import C1, G, Recorder, run
-
-MEMBER = Invocation(user_id="300000000000000001", source="discord", guild_id=G, channel_id=C1,
-                    message_id="800000000000000001")
+from tests.handlers import G
+from tests.openai_services import chat, openai_services
 
 
 @pytest_asyncio.fixture
@@ -36,25 +31,8 @@ async def server() -> AsyncIterator[FakeOpenAI]:
 
 @pytest_asyncio.fixture
 async def make_services(tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    started: list[Services] = []
-
-    async def make(url: str, **settings: Any) -> Services:
-        settings.setdefault("data_dir", tmp_path / f"data{len(started)}")  # each its own database
-        services = Services(load_settings(_env_file=None, text_backend="openai", openai_base_url=url, **settings),
-                            commands=CATALOGUE.switchable())
-        await services.start()
-        started.append(services)
-        return services
-
-    yield make
-    for services in started:
-        await services.close()
-
-
-async def chat(services: Services, prompt: str = "hello there", **options: Any) -> Recorder:
-    out = Recorder()
-    await run("chat", MEMBER, out, services, prompt=prompt, **options)
-    return out
+    async with openai_services(tmp_path) as make:
+        yield make
 
 
 @pytest.mark.asyncio

@@ -15,43 +15,25 @@ from typing import Any
 import pytest
 import pytest_asyncio
 
-from bot.commands import CATALOGUE
-from bot.core.invocation import Invocation
 from bot.core.services import Services
-from bot.settings import load_settings
 from tests.discord_bots import chat_answer, make_bot
 from tests.fakediscord import FakeDiscord, running_client
-from tests.handlers import C1, G, Recorder, run
+from tests.handlers import G, Recorder, run
+from tests.openai_services import MEMBER, openai_services
+from tests.openai_services import chat as openai_chat
 from tests.vllm_server import API_KEY, SERVED, VllmServer
 
 __all__ = ["make_bot"]  # the fixture
 
-MEMBER = Invocation(user_id="300000000000000001", source="discord", guild_id=G, channel_id=C1,
-                    message_id="800000000000000001")
-
-
 @pytest_asyncio.fixture
 async def make_services(vllm: VllmServer, tmp_path: Path) -> AsyncIterator[Callable[..., Any]]:
-    started: list[Services] = []
-
-    async def make(**settings: Any) -> Services:
-        settings = {"openai_api_key": API_KEY, "max_pending_per_user": 20, **settings}
-        services = Services(load_settings(_env_file=None, data_dir=tmp_path / f"data{len(started)}",
-                                          text_backend="openai", openai_base_url=vllm.url, **settings),
-                            commands=CATALOGUE.switchable())
-        await services.start()
-        started.append(services)
-        return services
-
-    yield make
-    for services in started:
-        await services.close()
+    async with openai_services(tmp_path) as make:
+        yield lambda **settings: make(vllm.url, **{"openai_api_key": API_KEY, "max_pending_per_user": 20,
+                                                   **settings})
 
 
 async def chat(services: Services, prompt: str = "hello", **options: Any) -> Recorder:
-    out = Recorder()
-    await run("chat", MEMBER, out, services, prompt=prompt, **options)
-    return out
+    return await openai_chat(services, prompt, **options)
 
 
 def text_of(out: Recorder) -> str:
