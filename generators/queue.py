@@ -179,6 +179,9 @@ class _Lane:
     batches: set[asyncio.Task[None]] = field(default_factory=set)
     task: asyncio.Task[None] | None = None
     heartbeat_at: float = field(default_factory=time.time)
+    #: Counts jobs added to or cancelled from ``waiting``: a running batch asks to take more
+    #: only when it moved since its last fruitless ask.
+    changes: int = 0
 
     @property
     def busy(self) -> bool:
@@ -190,6 +193,7 @@ class _Lane:
         round_ = max(self.user_round.get(record.requester, 0), self.served_round) + 1
         self.user_round[record.requester] = round_
         self.waiting.append(_Waiting(record, round_, seq))
+        self.changes += 1
         self.wakeup.set()
 
     def ordered(self) -> list[_Waiting]:
@@ -199,6 +203,7 @@ class _Lane:
         for item in self.waiting:
             if item.record.id == job_id:
                 self.waiting.remove(item)
+                self.changes += 1
                 return item
         return None
 
@@ -228,12 +233,17 @@ class _QueueFeed(Feed):
         self.queue, self.run, self.loop = queue, run, loop
         self.handed: list[Request] = []  # every request the generator was given, and...
         self.done: set[int] = set()  # ...the job ids of those it finished (model thread only)
+        self.refused_at = -1  # the lane's ``changes`` when a join last found nothing to take
 
     def unfinished(self) -> list[Request]:
         return [r for r in self.handed if r.job_id not in self.done]
 
     def take(self, limit: int) -> list[Request]:
-        if not self.run.lane.waiting or limit <= 0:  # a racy read, fine: checked again on the loop
+        # Racy reads, fine: the loop checks again, and a change is seen at the next step. They
+        # spare the loop a call every step while a job that cannot join heads the lane.
+        lane = self.run.lane
+        changes = lane.changes
+        if not lane.waiting or limit <= 0 or changes == self.refused_at:
             return []
         future = asyncio.run_coroutine_threadsafe(self.queue._join(self.run, limit), self.loop)
         self.run.joins.append(future)
@@ -243,6 +253,8 @@ class _QueueFeed(Feed):
             # The loop is busy or closing. Not cancelled: jobs it claims anyway are put back
             # in the queue when the batch ends (they were never handed to the generator).
             return []
+        if not joined:
+            self.refused_at = changes
         self.handed += joined
         return joined
 
@@ -576,18 +588,20 @@ class GenerationQueue:
         log.debug("job %d started (model %s)", record.id, record.model, extra=job_log_fields(record.id, record.kind))
         self._emit(JobEvent(record.id, "started", position=0, record=record))
 
-    async def _finish_job(self, run: _Run, request: Request, result: Result | None, error: str | None) -> None:
+    def _release(self, run: _Run, request: Request) -> None:
+        """A job leaves its run: no longer running here, its timeout off."""
         run.finished.add(request.job_id)
         run.timers.pop(request.job_id).cancel()
         run.lane.running.pop(request.job_id, None)
+
+    async def _finish_job(self, run: _Run, request: Request, result: Result | None, error: str | None) -> None:
+        self._release(run, request)
         await self._settle(run.records[request.job_id], request, result, error)
 
     async def _requeue(self, run: _Run, request: Request) -> None:
         """A job claimed to join a batch that never got it (the model thread stopped waiting):
         back to the lane, not failed."""
-        run.finished.add(request.job_id)
-        run.timers.pop(request.job_id).cancel()
-        run.lane.running.pop(request.job_id, None)
+        self._release(run, request)
         await self._db.run(self.store.requeue, request.job_id, "queued again: the batch it was to join had ended")
         run.lane.add(await self.get(request.job_id), next(self._seq))
 
@@ -608,6 +622,7 @@ class GenerationQueue:
             return []
         for item in joining:
             lane.waiting.remove(item)
+        lane.changes += 1
         lane.served_round = max(lane.served_round, *(item.round for item in joining))
         claimed = set(await self._db.run(self.store.claim, [w.record.id for w in joining], self.worker_id))
         started = []
