@@ -18,6 +18,7 @@ from pydantic_settings import SettingsError as SourceError
 
 from generators.base import text_problem
 from storage.ids import is_snowflake
+from storage.postgres import describe, is_postgres_url
 
 SERVER_MODEL = "server"  # a job's text model when an OpenAI-compatible server picks it
 
@@ -50,6 +51,11 @@ class Settings(BaseSettings):
     database_path: Path | None = Field(
         None, validation_alias=_env("AIGC_DATABASE"),
         description="SQLite database file (default: AIGC_DATA_DIR/aigcbot.sqlite3).",
+    )
+    database_url: SecretStr | None = Field(
+        None, validation_alias=_env("AIGC_DATABASE_URL"),
+        description="PostgreSQL instead of the SQLite file, e.g. postgresql://aigcbot:PASSWORD@db.internal/aigcbot:"
+                    " for several bot processes and for workers on other hosts (`aigcbot worker`).",
     )
 
     model_cache: Path | None = Field(
@@ -269,6 +275,15 @@ class Settings(BaseSettings):
             raise ValueError("expected a URL such as https://discord.com/api/v10")
         return value
 
+    @field_validator("database_url")
+    @classmethod
+    def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
+        # The URL may hold a password: the message names its scheme only.
+        if value is not None and not is_postgres_url(value.get_secret_value()):
+            scheme = value.get_secret_value().partition("://")[0] if "://" in value.get_secret_value() else "no scheme"
+            raise ValueError(f"must be a postgresql://user:password@host:port/database URL ({scheme}:// given)")
+        return value
+
     @field_validator("openai_base_url")
     @classmethod
     def _http_url(cls, value: str | None) -> str | None:
@@ -297,6 +312,20 @@ class Settings(BaseSettings):
     @property
     def db_file(self) -> Path:
         return self.database_path or self.data_dir / "aigcbot.sqlite3"
+
+    @property
+    def uses_postgres(self) -> bool:
+        return self.database_url is not None
+
+    @property
+    def store_target(self) -> Path | str:
+        """What `storage.database.open_database` opens: the PostgreSQL URL, else the SQLite file."""
+        return self.database_url.get_secret_value() if self.database_url is not None else self.db_file
+
+    @property
+    def store_name(self) -> str:
+        """The store for messages and logs, never with a password."""
+        return f"PostgreSQL {describe(self.store_target)}" if self.database_url is not None else str(self.db_file)
 
     @property
     def artifacts_dir(self) -> Path:

@@ -9,15 +9,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-import sqlite_utils
-
-from storage.database import immediate
+from storage.database import Database, immediate
 
 
 class StateStore:
     """Text values by key in the ``app_state`` table; every write is one transaction."""
 
-    def __init__(self, db: sqlite_utils.Database, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.clock = clock
 

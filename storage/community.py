@@ -28,9 +28,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
-from storage.database import immediate
+from storage.database import Database, immediate, json_field
 from storage.privacy import suppressed_id
 
 KINDS = ("text", "image")
@@ -162,7 +160,7 @@ class Version:
 class CommunityStore:
     """The community tables in the bot's SQLite database, and the files of image items."""
 
-    def __init__(self, db: sqlite_utils.Database, files_dir: Path | str,
+    def __init__(self, db: Database, files_dir: Path | str,
                  clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.files_dir = Path(files_dir)
@@ -173,7 +171,7 @@ class CommunityStore:
         """Opt a channel in; False if it already was."""
         with immediate(self.db):
             cursor = self.db.execute(
-                "INSERT OR IGNORE INTO community_channels (guild, channel, added_by, at) VALUES (?,?,?,?)",
+                "INSERT INTO community_channels (guild, channel, added_by, at) VALUES (?,?,?,?) ON CONFLICT DO NOTHING",
                 [guild, channel, by, self.clock()])
         return bool(cursor.rowcount)
 
@@ -197,20 +195,21 @@ class CommunityStore:
     def opt_out(self, guild: str, user: str) -> bool:
         """Never capture this member here again; False if already opted out."""
         with immediate(self.db):
-            cursor = self.db.execute("INSERT OR IGNORE INTO community_optout (guild, user, at) VALUES (?,?,?)",
-                                     [guild, user, self.clock()])
+            cursor = self.db.execute(
+                "INSERT INTO community_optout (guild, \"user\", at) VALUES (?,?,?) ON CONFLICT DO NOTHING",
+                [guild, user, self.clock()])
         return bool(cursor.rowcount)
 
     def opt_in(self, guild: str, user: str) -> bool:
         """Undo an opt-out (also one kept after the member was forgotten); False if the member
         had not opted out."""
         with immediate(self.db):
-            cursor = self.db.execute("DELETE FROM community_optout WHERE guild=? AND user IN (?, ?)",
+            cursor = self.db.execute("DELETE FROM community_optout WHERE guild=? AND \"user\" IN (?, ?)",
                                      [guild, user, suppressed_id(self.db, user, create=False)])
         return bool(cursor.rowcount)
 
     def opted_out(self, guild: str, user: str) -> bool:
-        return self.db.execute("SELECT 1 FROM community_optout WHERE guild=? AND user IN (?, ?)",
+        return self.db.execute("SELECT 1 FROM community_optout WHERE guild=? AND \"user\" IN (?, ?)",
                                [guild, user, suppressed_id(self.db, user, create=False)]).fetchone() is not None
 
     def forget(self, guild: str, user: str) -> int:
@@ -245,10 +244,10 @@ class CommunityStore:
                         continue
                     cursor = self.db.execute(
                         "INSERT INTO community_items (guild, channel, author, message_id, kind, text, scrubbed,"
-                        " sha256, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
+                        " sha256, created_at) VALUES (?,?,?,?,?,?,?,?,?) RETURNING id",
                         [item.guild, item.channel, item.author, item.message_id, item.kind, item.text,
                          int(item.scrubbed), item.sha256, item.created_at or self.clock()])
-                    item_id = int(cursor.lastrowid or 0)
+                    item_id = int(cursor.fetchone()[0])
                     for number, new_file in enumerate(item.files):
                         written.append(self._write_file(item.guild, item_id, number, new_file))
                     result.stored.append(item_id)
@@ -350,7 +349,7 @@ class CommunityStore:
         """The approved items of a kind whose authors have not opted out, oldest first."""
         items = self._items(
             "SELECT * FROM community_items i WHERE guild=? AND kind=? AND status='approved'"
-            " AND NOT EXISTS (SELECT 1 FROM community_optout o WHERE o.guild=i.guild AND o.user=i.author)"
+            " AND NOT EXISTS (SELECT 1 FROM community_optout o WHERE o.guild=i.guild AND o.\"user\"=i.author)"
             " ORDER BY id", [guild, kind])
         return Snapshot(guild, kind, items)
 
@@ -358,7 +357,7 @@ class CommunityStore:
         """One approved text (for the scheduled posts' ``{community_quote}``), or None."""
         row = self.db.execute(
             "SELECT text FROM community_items i WHERE guild=? AND kind='text' AND status='approved'"
-            " AND NOT EXISTS (SELECT 1 FROM community_optout o WHERE o.guild=i.guild AND o.user=i.author)"
+            " AND NOT EXISTS (SELECT 1 FROM community_optout o WHERE o.guild=i.guild AND o.\"user\"=i.author)"
             " ORDER BY random() LIMIT 1", [guild]).fetchone()
         return row[0] if row else None
 
@@ -369,9 +368,9 @@ class CommunityStore:
         with immediate(self.db):
             cursor = self.db.execute(
                 "INSERT INTO model_versions (guild, modality, parent_id, data_snapshot, hyperparams, created_at)"
-                " VALUES (?,?,?,?,?,?)",
+                " VALUES (?,?,?,?,?,?) RETURNING id",
                 [guild, modality, parent_id, json.dumps(snapshot), json.dumps(hyperparams), self.clock()])
-            version_id = int(cursor.lastrowid or 0)
+            version_id = int(cursor.fetchone()[0])
         return self.version(version_id)
 
     def finish_version(self, version_id: int, promote: bool, metrics: dict[str, Any], reason: str,
@@ -458,13 +457,13 @@ class CommunityStore:
         """Whether a training job for this server and modality is queued or running."""
         return self.db.execute(
             "SELECT 1 FROM jobs WHERE kind='training' AND guild=? AND status IN ('queued','running')"
-            " AND json_extract(params, '$.modality')=? LIMIT 1", [guild, modality]).fetchone() is not None
+            f" AND {json_field(self.db, 'params', 'modality')}=? LIMIT 1", [guild, modality]).fetchone() is not None
 
     def last_training_at(self, guild: str, modality: str) -> float | None:
         """When the latest training job for this server and modality was submitted."""
         row = self.db.execute(
             "SELECT max(created_at) FROM jobs WHERE kind='training' AND guild=?"
-            " AND json_extract(params, '$.modality')=?", [guild, modality]).fetchone()
+            f" AND {json_field(self.db, 'params', 'modality')}=?", [guild, modality]).fetchone()
         return row[0] if row else None
 
     # --- helpers --------------------------------------------------------------------------

@@ -8,16 +8,13 @@ one channel stay apart because each follows only its own parents.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import sqlite_utils
-
-from storage.database import immediate
+from storage.database import Database, immediate
 
 MAX_CHAIN = 200  # turns followed back at most: a bound on work, far above any context window
 _COLUMNS = ("id, guild, channel, conversation_id, message_id, parent_message_id, role, author, content,"
@@ -58,7 +55,7 @@ class Turn:
 class ConversationStore:
     """Conversation turns on a sqlite-utils Database."""
 
-    def __init__(self, db: sqlite_utils.Database, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.clock = clock
 
@@ -79,29 +76,29 @@ class ConversationStore:
                 if turn.role not in ("user", "assistant"):
                     raise ConversationError(f"role must be user or assistant, not {turn.role!r}")
                 parent_id = turn.parent_message_id or previous
-                try:
-                    cursor = self.db.execute(
-                        "INSERT INTO conversation_turns (guild, channel, conversation_id, message_id,"
-                        " parent_message_id, role, author, content, job_id, tokens, created_at)"
-                        " VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                        [guild, channel, conversation_id, turn.message_id, parent_id, turn.role, turn.author,
-                         turn.content, turn.job_id, turn.tokens, now],
-                    )
-                except sqlite3.IntegrityError:
-                    raise ConversationError(f"message {turn.message_id} is already recorded") from None
-                ids.append(int(cursor.lastrowid or 0))
+                # ON CONFLICT, not a caught error: PostgreSQL would abort the whole transaction.
+                row = self.db.execute(
+                    "INSERT INTO conversation_turns (guild, channel, conversation_id, message_id,"
+                    " parent_message_id, role, author, content, job_id, tokens, created_at)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (message_id) DO NOTHING RETURNING id",
+                    [guild, channel, conversation_id, turn.message_id, parent_id, turn.role, turn.author,
+                     turn.content, turn.job_id, turn.tokens, now],
+                ).fetchone()
+                if row is None:
+                    raise ConversationError(f"message {turn.message_id} is already recorded")
+                ids.append(int(row[0]))
                 previous = turn.message_id
         return self._turns(f"WHERE id IN ({','.join('?' * len(ids))}) ORDER BY id", ids)
 
     def get(self, message_id: str, guild: str | None = None) -> Turn | None:
         """The turn of a message, if it was recorded in that guild (None: direct messages)."""
-        rows = self._turns("WHERE message_id=? AND guild IS ?", [message_id, guild])
+        rows = self._turns("WHERE message_id=? AND guild IS NOT DISTINCT FROM ?", [message_id, guild])
         return rows[0] if rows else None
 
     def answer(self, job_id: int, guild: str | None = None) -> Turn | None:
         """The recorded answer a job produced in that guild (a button under it names the job)."""
-        rows = self._turns("WHERE job_id=? AND role='assistant' AND guild IS ? ORDER BY id DESC LIMIT 1",
-                           [job_id, guild])
+        rows = self._turns("WHERE job_id=? AND role='assistant' AND guild IS NOT DISTINCT FROM ?"
+                           " ORDER BY id DESC LIMIT 1", [job_id, guild])
         return rows[0] if rows else None
 
     def chain(self, message_id: str, guild: str | None = None, limit: int = MAX_CHAIN) -> list[Turn]:
@@ -110,7 +107,7 @@ class ConversationStore:
             f"""
             WITH RECURSIVE chain(id, parent, conversation, depth) AS (
                 SELECT id, parent_message_id, conversation_id, 0 FROM conversation_turns
-                WHERE message_id = ? AND guild IS ?
+                WHERE message_id = ? AND guild IS NOT DISTINCT FROM ?
                 UNION ALL
                 SELECT t.id, t.parent_message_id, t.conversation_id, chain.depth + 1
                 FROM conversation_turns t JOIN chain

@@ -1,6 +1,7 @@
-"""Opening the SQLite file: WAL mode, a busy timeout, migrations applied at start.
+"""Opening the store: the SQLite file (WAL mode, a busy timeout) or, given a
+``postgresql://`` URL, PostgreSQL (`storage.postgres`); migrations are applied at start.
 
-SQLite is synchronous. The async side of the bot talks to it through `AsyncDatabase`, which
+Both are synchronous. The async side of the bot talks to it through `AsyncDatabase`, which
 runs every call on one dedicated thread, so the event loop never waits on disk and no two
 threads share the connection at once.
 """
@@ -13,21 +14,35 @@ import sqlite3
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import TypeVar
+from typing import TypeAlias, TypeVar
 
 import sqlite_utils
 
-from storage.schema import MIGRATIONS
+from storage.postgres import PostgresDatabase, PostgresError, is_postgres_url
+from storage.schema import sqlite_migrations
 
 T = TypeVar("T")
+#: What every store is built on: the same SQL runs on both (see storage.postgres).
+Database: TypeAlias = sqlite_utils.Database | PostgresDatabase
 
 
 class StorageError(Exception):
     """The database cannot be opened or written; the message says which file and why."""
 
 
-def open_database(path: Path | str) -> sqlite_utils.Database:
-    """Open (creating if needed) the database file and bring its schema up to date."""
+def open_database(target: Path | str) -> Database:
+    """Open the store and bring its schema up to date: a PostgreSQL URL, or a SQLite file
+    (created if needed)."""
+    if is_postgres_url(target):
+        try:
+            return PostgresDatabase(str(target))
+        except PostgresError as exc:
+            raise StorageError(str(exc)) from None
+    return open_sqlite(target)
+
+
+def open_sqlite(path: Path | str) -> sqlite_utils.Database:
+    """Open (creating if needed) the SQLite file and bring its schema up to date."""
     path = Path(path)
     if str(path) != ":memory:":
         try:
@@ -43,16 +58,35 @@ def open_database(path: Path | str) -> sqlite_utils.Database:
         db.execute("PRAGMA secure_delete=ON")
         if str(path) != ":memory:":
             db.enable_wal()
-        MIGRATIONS.apply(db)
+        sqlite_migrations().apply(db)
     except sqlite3.Error as exc:
         raise StorageError(f"cannot open database {path}: {exc}") from None
     return db
 
 
+def applied_migrations(db: Database) -> list[str]:
+    """The schema's migrations this store has had, in order."""
+    if isinstance(db, PostgresDatabase):
+        return db.migrations()
+    return [row[0] for row in db.execute("SELECT name FROM _sqlite_migrations ORDER BY rowid").fetchall()]
+
+
+def json_field(db: Database, column: str, key: str) -> str:
+    """SQL for one top-level field of a JSON text column, as text (column and key are the
+    caller's constants, never user input)."""
+    if isinstance(db, PostgresDatabase):
+        return f"({column}::jsonb ->> '{key}')"
+    return f"json_extract({column}, '$.{key}')"
+
+
 @contextlib.contextmanager
-def immediate(db: sqlite_utils.Database) -> Iterator[sqlite_utils.Database]:
+def immediate(db: Database) -> Iterator[Database]:
     """A write transaction that takes the lock up front, so read-then-write is atomic
     across processes (a deferred BEGIN could fail to upgrade its lock mid-way)."""
+    if isinstance(db, PostgresDatabase):
+        with db.transaction():
+            yield db
+        return
     if db.conn.in_transaction:
         with db.atomic():
             yield db

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Any
 
-import sqlite_utils
-
-from storage.database import immediate
+from storage.database import Database, immediate
 from storage.ids import is_snowflake
 
 SERVER = ""  # the channel column's value for a server-wide setting
@@ -43,7 +41,7 @@ class ConfigError(Exception):
 class ConfigContext:
     """What a validator may consult besides the text itself."""
 
-    db: sqlite_utils.Database
+    db: Database
     guild: str
     commands: frozenset[str] | None
 
@@ -221,7 +219,7 @@ def persona_value(name: str) -> str:
 class ConfigStore:
     """Settings per guild and channel on a sqlite-utils Database."""
 
-    def __init__(self, db: sqlite_utils.Database, *, commands: Iterable[str] | None = None,
+    def __init__(self, db: Database, *, commands: Iterable[str] | None = None,
                  clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.commands = frozenset(commands) if commands is not None else None

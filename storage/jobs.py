@@ -15,9 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
-import sqlite_utils
-
-from storage.database import immediate
+from storage.database import Database, immediate
 
 ACTIVE = ("queued", "running")
 FINAL = ("succeeded", "failed", "cancelled", "expired")
@@ -176,7 +174,7 @@ class JobStore(Protocol):
 class SqliteJobStore:
     """The embedded JobStore on a sqlite-utils Database (see storage.database)."""
 
-    def __init__(self, db: sqlite_utils.Database, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.clock = clock
 
@@ -193,12 +191,12 @@ class SqliteJobStore:
             self._check(job.requester, job.guild, job.kind, max_pending, limits, now)
             cursor = self.db.execute(
                 "INSERT INTO jobs (kind, model, source, requester, guild, channel, prompt,"
-                " params, delivery, priority, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " params, delivery, priority, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                 [job.kind, job.model, job.source, job.requester, job.guild, job.channel,
                  job.prompt, json.dumps(job.params), json.dumps(job.delivery), job.priority,
                  now],
             )
-            job_id = int(cursor.lastrowid or 0)
+            job_id = int(cursor.fetchone()[0])
         return self.get(job_id)
 
     def check_limits(self, requester: str, guild: str | None, kind: str, limits: JobLimits) -> None:
@@ -228,7 +226,7 @@ class SqliteJobStore:
     def _check_cooldown(self, requester: str, guild: str | None, kind: str, cooldown_s: float, now: float) -> None:
         # A failed job is the bot's fault, not the member's: it starts no cooldown.
         last = self.db.execute(
-            "SELECT max(created_at) FROM jobs WHERE requester=? AND guild IS ? AND kind=?"
+            "SELECT max(created_at) FROM jobs WHERE requester=? AND guild IS NOT DISTINCT FROM ? AND kind=?"
             " AND created_at > ? AND status <> 'failed'",
             [requester, guild, kind, now - cooldown_s],
         ).fetchone()[0]
@@ -295,7 +293,7 @@ class SqliteJobStore:
             self.db.execute(
                 "INSERT INTO usage (requester, guild, day, kind, jobs, tokens, seconds)"
                 " VALUES (?,?,?,?,1,?,?) ON CONFLICT (requester, guild, day, kind) DO UPDATE"
-                " SET jobs=jobs+1, tokens=tokens+excluded.tokens, seconds=seconds+excluded.seconds",
+                " SET jobs=usage.jobs+1, tokens=usage.tokens+excluded.tokens, seconds=usage.seconds+excluded.seconds",
                 [row["requester"], row["guild"] or "", _day(now), row["kind"], tokens, seconds],
             )
         return True
@@ -468,7 +466,7 @@ class SqliteJobStore:
     def _jobs_since(self, requester: str, guild: str | None, kind: str, since: float) -> int:
         # Failed and cancelled jobs gave the member nothing, so they don't use up the day.
         return int(self.db.execute(
-            "SELECT count(*) FROM jobs WHERE requester=? AND guild IS ? AND kind=?"
+            "SELECT count(*) FROM jobs WHERE requester=? AND guild IS NOT DISTINCT FROM ? AND kind=?"
             " AND created_at >= ? AND status NOT IN ('failed','cancelled')",
             [requester, guild, kind, since],
         ).fetchone()[0])

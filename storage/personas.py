@@ -10,15 +10,12 @@ from __future__ import annotations
 import json
 import math
 import re
-import sqlite3
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import sqlite_utils
-
-from storage.database import immediate
+from storage.database import Database, immediate
 from storage.guild_config import persona_value
 
 NAME = re.compile(r"[a-z0-9_-]{1,32}")
@@ -72,7 +69,7 @@ def _check_sampling(sampling: Mapping[str, Any] | None) -> dict[str, float]:
 class PersonaStore:
     """Personas per guild on a sqlite-utils Database."""
 
-    def __init__(self, db: sqlite_utils.Database, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.clock = clock
 
@@ -86,14 +83,13 @@ class PersonaStore:
             count = self.db.execute("SELECT count(*) FROM personas WHERE guild=?", [guild]).fetchone()[0]
             if count >= MAX_PER_GUILD:
                 raise PersonaError(f"this server already has {count} personas (the limit); remove one first")
-            try:
-                self.db.execute(
-                    "INSERT INTO personas (guild, name, system_prompt, sampling, created_by, created_at,"
-                    " updated_at) VALUES (?,?,?,?,?,?,?)",
-                    [guild, name, prompt, json.dumps(values), by, now, now],
-                )
-            except sqlite3.IntegrityError:
-                raise PersonaError(f"a persona named {name!r} already exists; edit it instead") from None
+            added = self.db.execute(
+                "INSERT INTO personas (guild, name, system_prompt, sampling, created_by, created_at,"
+                " updated_at) VALUES (?,?,?,?,?,?,?) ON CONFLICT DO NOTHING",
+                [guild, name, prompt, json.dumps(values), by, now, now],
+            ).rowcount
+            if not added:
+                raise PersonaError(f"a persona named {name!r} already exists; edit it instead")
         return Persona(guild, name, prompt, values, by, now, now)
 
     def edit(self, guild: str, name: str, *, system_prompt: str | None = None,

@@ -32,9 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import sqlite_utils
-
-from storage.database import immediate
+from storage.database import Database, immediate
+from storage.postgres import PostgresDatabase
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +78,7 @@ class PruneReport:
 class PrivacyStore:
     """See the module docstring. ``data_dir`` bounds the files it may delete."""
 
-    def __init__(self, db: sqlite_utils.Database, data_dir: Path | str,
+    def __init__(self, db: Database, data_dir: Path | str,
                  clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.data_dir = Path(data_dir).resolve()
@@ -101,7 +100,7 @@ class PrivacyStore:
             report.withdrawn, version_dirs = self._withdraw_versions(set(item_ids))
             report.turns, report.histories = self._forget_turns(user)
             report.jobs = self._delete(f"DELETE FROM jobs WHERE id IN ({_marks(job_ids)})", job_ids)
-            report.safety_events = self._delete("DELETE FROM safety_log WHERE user=?", [user])
+            report.safety_events = self._delete("DELETE FROM safety_log WHERE \"user\"=?", [user])
             report.items = self._delete(f"DELETE FROM community_items WHERE id IN ({_marks(item_ids)})", item_ids)
             report.usage_rows = self._anonymise_usage(user)
             report.audit_fields = sum(self._delete(f"UPDATE {table} SET {column}=? WHERE {column}=?",
@@ -168,14 +167,14 @@ class PrivacyStore:
         self.db.execute(
             "INSERT INTO usage (requester, guild, day, kind, jobs, tokens, seconds)"
             " SELECT ?, guild, day, kind, jobs, tokens, seconds FROM usage WHERE requester=?"
-            " ON CONFLICT (requester, guild, day, kind) DO UPDATE SET jobs=jobs+excluded.jobs,"
-            " tokens=tokens+excluded.tokens, seconds=seconds+excluded.seconds", [FORGOTTEN, user])
+            " ON CONFLICT (requester, guild, day, kind) DO UPDATE SET jobs=usage.jobs+excluded.jobs,"
+            " tokens=usage.tokens+excluded.tokens, seconds=usage.seconds+excluded.seconds", [FORGOTTEN, user])
         self.db.execute("DELETE FROM usage WHERE requester=?", [user])
         return int(moved)
 
     # --- opt-outs that outlive a forget ------------------------------------------------------------
     def _suppress_optouts(self, user: str) -> None:
-        self.db.execute("UPDATE community_optout SET user=? WHERE user=?", [suppressed_id(self.db, user), user])
+        self.db.execute("UPDATE community_optout SET \"user\"=? WHERE \"user\"=?", [suppressed_id(self.db, user), user])
 
     # --- export --------------------------------------------------------------------------------
     def export(self, user: str) -> dict[str, Any]:
@@ -207,10 +206,10 @@ class PrivacyStore:
             "usage": self._dicts("SELECT guild, day, kind, jobs, tokens, seconds FROM usage WHERE requester=?"
                                  " ORDER BY day, guild, kind", [user]),
             "safety_log": self._dicts("SELECT guild, channel, kind, excerpt, category, at FROM safety_log"
-                                      " WHERE user=? ORDER BY id", [user]),
+                                      " WHERE \"user\"=? ORDER BY id", [user]),
             "community_items": items,
             "opted_out_in": [row[0] for row in self.db.execute(
-                "SELECT guild FROM community_optout WHERE user=? ORDER BY guild", [user])],
+                "SELECT guild FROM community_optout WHERE \"user\"=? ORDER BY guild", [user])],
             "fine_tuned_versions_trained_on_your_items": trained_on,
         }
 
@@ -234,8 +233,10 @@ class PrivacyStore:
 
     def compact(self) -> None:
         """Move the WAL's pages into the database file and truncate it: with ``secure_delete``
-        on, deleted rows are then gone from both files."""
-        self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        on, deleted rows are then gone from both files. PostgreSQL reuses dead rows' space
+        itself (autovacuum); its operators own its WAL and backups."""
+        if not isinstance(self.db, PostgresDatabase):
+            self.db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     # --- helpers -----------------------------------------------------------------------------
     def _ids(self, sql: str, args: Iterable[Any]) -> list[int]:
@@ -264,7 +265,7 @@ class PrivacyStore:
         return inside
 
 
-def suppressed_id(db: sqlite_utils.Database, user: str, *, create: bool = True) -> str | None:
+def suppressed_id(db: Database, user: str, *, create: bool = True) -> str | None:
     """The stand-in under which a forgotten member's opt-outs are kept: an HMAC of their id
     under a random key kept in the database (the table holds no id, yet their messages stay
     refused). None when no key exists yet and ``create`` is false (so nothing is suppressed)."""

@@ -7,14 +7,11 @@ bot layer calls before `add`.
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import sqlite_utils
-
-from storage.database import immediate
+from storage.database import Database, immediate
 
 MAX_ENTRIES = 500
 EXCERPT_CHARS = 200
@@ -56,7 +53,7 @@ def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
 class SafetyStore:
     """Blocklists and the safety log on a sqlite-utils Database."""
 
-    def __init__(self, db: sqlite_utils.Database, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.clock = clock
 
@@ -67,14 +64,16 @@ class SafetyStore:
             count = self.db.execute("SELECT count(*) FROM blocklist WHERE guild=?", [guild]).fetchone()[0]
             if count >= MAX_ENTRIES:
                 raise BlocklistError(f"the blocklist already has {count} entries (the limit); remove some first")
-            try:
-                cursor = self.db.execute(
-                    "INSERT INTO blocklist (guild, pattern, is_regex, added_by, added_at) VALUES (?,?,?,?,?)",
-                    [guild, pattern, int(is_regex), by, now],
-                )
-            except sqlite3.IntegrityError:
-                raise BlocklistError(f"{pattern!r} is already on the blocklist") from None
-        return BlocklistEntry(int(cursor.lastrowid or 0), guild, pattern, is_regex, by, now)
+            # Looked up first, not left to the UNIQUE constraint: a refused insert would use up
+            # an id on PostgreSQL, and moderators remove entries by their number.
+            if self.db.execute("SELECT 1 FROM blocklist WHERE guild=? AND pattern=? AND is_regex=?",
+                               [guild, pattern, int(is_regex)]).fetchone():
+                raise BlocklistError(f"{pattern!r} is already on the blocklist")
+            row = self.db.execute(
+                "INSERT INTO blocklist (guild, pattern, is_regex, added_by, added_at) VALUES (?,?,?,?,?) RETURNING id",
+                [guild, pattern, int(is_regex), by, now],
+            ).fetchone()
+        return BlocklistEntry(int(row[0]), guild, pattern, is_regex, by, now)
 
     def remove(self, guild: str, entry: int | str) -> bool:
         """Remove by entry id, or by exact pattern (word or regex)."""
@@ -96,18 +95,18 @@ class SafetyStore:
     def log(self, guild: str | None, channel: str | None, user: str, kind: str, text: str,
             rule: str, category: str) -> int:
         with immediate(self.db):
-            cursor = self.db.execute(
-                "INSERT INTO safety_log (guild, channel, user, kind, excerpt, rule, category, at)"
-                " VALUES (?,?,?,?,?,?,?,?)",
+            row = self.db.execute(
+                "INSERT INTO safety_log (guild, channel, \"user\", kind, excerpt, rule, category, at)"
+                " VALUES (?,?,?,?,?,?,?,?) RETURNING id",
                 [guild, channel, user, kind, excerpt(text), rule, category, self.clock()],
-            )
-        return int(cursor.lastrowid or 0)
+            ).fetchone()
+        return int(row[0])
 
     def events(self, guild: str | None, limit: int = 50) -> list[SafetyEvent]:
         """The newest events of a guild (None: direct messages), newest first."""
         rows = self.db.execute(
-            "SELECT id, guild, channel, user, kind, excerpt, rule, category, at FROM safety_log"
-            " WHERE guild IS ? ORDER BY id DESC LIMIT ?",
+            "SELECT id, guild, channel, \"user\", kind, excerpt, rule, category, at FROM safety_log"
+            " WHERE guild IS NOT DISTINCT FROM ? ORDER BY id DESC LIMIT ?",
             [guild, limit],
         ).fetchall()
         return [SafetyEvent(*row) for row in rows]

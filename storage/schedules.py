@@ -14,9 +14,7 @@ from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import sqlite_utils
-
-from storage.database import immediate
+from storage.database import Database, immediate
 
 KINDS = ("text", "image", "audio")
 
@@ -87,7 +85,7 @@ class Schedule:
 class SqliteScheduleStore:
     """Schedules in the bot's SQLite database (see storage.database)."""
 
-    def __init__(self, db: sqlite_utils.Database, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db
         self.clock = clock
 
@@ -96,11 +94,11 @@ class SqliteScheduleStore:
         with immediate(self.db):
             cursor = self.db.execute(
                 "INSERT INTO schedules (guild, channel, kind, model, prompt, spec, cron, timezone,"
-                " created_by, created_at, next_run_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                " created_by, created_at, next_run_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                 [new.guild, new.channel, new.kind, new.model, new.prompt, new.spec, new.cron,
                  new.timezone, new.created_by, self.clock(), next_run_at],
             )
-            schedule_id = int(cursor.lastrowid or 0)
+            schedule_id = int(cursor.fetchone()[0])
         return self.get(schedule_id)
 
     def delete(self, schedule_id: int) -> None:

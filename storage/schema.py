@@ -1,19 +1,28 @@
-"""The database schema, as numbered migrations applied in order at start.
+"""The database schema, as numbered migrations applied in order at start, on SQLite and PostgreSQL.
 
-Add a new function at the end for every change; never edit one that has shipped.
+Every migration is a list of SQL statements in the dialect both databases share; the few type
+names that differ (SQLite's INTEGER PRIMARY KEY, REAL, BLOB) are rewritten for PostgreSQL by
+`storage.postgres`. Add a new migration at the end for every change; never edit one that has
+shipped.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from sqlite_utils import Database
 from sqlite_utils.migrations import Migrations
 
-MIGRATIONS = Migrations("aigcbot")
+
+@dataclass(frozen=True)
+class Migration:
+    name: str
+    statements: tuple[str, ...]
 
 
-@MIGRATIONS(name="0001_jobs_artifacts_usage")
-def _jobs_artifacts_usage(db: Database) -> None:
-    db.execute(
+SCHEMA: tuple[Migration, ...] = (
+    Migration("0001_jobs_artifacts_usage", (
         """
         CREATE TABLE jobs (
             id INTEGER PRIMARY KEY,
@@ -39,11 +48,9 @@ def _jobs_artifacts_usage(db: Database) -> None:
             error TEXT,
             result TEXT                      -- JSON
         )
-        """
-    )
-    db.execute("CREATE INDEX jobs_status_kind ON jobs (status, kind)")
-    db.execute("CREATE INDEX jobs_requester_status ON jobs (requester, status)")
-    db.execute(
+        """,
+        "CREATE INDEX jobs_status_kind ON jobs (status, kind)",
+        "CREATE INDEX jobs_requester_status ON jobs (requester, status)",
         """
         CREATE TABLE artifacts (
             id INTEGER PRIMARY KEY,
@@ -54,10 +61,8 @@ def _jobs_artifacts_usage(db: Database) -> None:
             sha256 TEXT NOT NULL,
             created_at REAL NOT NULL
         )
-        """
-    )
-    db.execute("CREATE INDEX artifacts_job ON artifacts (job_id)")
-    db.execute(
+        """,
+        "CREATE INDEX artifacts_job ON artifacts (job_id)",
         """
         CREATE TABLE usage (
             requester TEXT NOT NULL,
@@ -69,13 +74,9 @@ def _jobs_artifacts_usage(db: Database) -> None:
             seconds REAL NOT NULL DEFAULT 0,
             PRIMARY KEY (requester, guild, day, kind)
         )
-        """
-    )
-
-
-@MIGRATIONS(name="0002_guild_config_personas_safety_conversations")
-def _guild_config_personas_safety_conversations(db: Database) -> None:
-    db.execute(
+        """,
+    )),
+    Migration("0002_guild_config_personas_safety_conversations", (
         """
         CREATE TABLE guild_config (
             guild TEXT NOT NULL,
@@ -86,9 +87,7 @@ def _guild_config_personas_safety_conversations(db: Database) -> None:
             updated_at REAL NOT NULL,
             PRIMARY KEY (guild, channel, key)
         )
-        """
-    )
-    db.execute(
+        """,
         """
         CREATE TABLE personas (
             id INTEGER PRIMARY KEY,
@@ -101,9 +100,7 @@ def _guild_config_personas_safety_conversations(db: Database) -> None:
             updated_at REAL NOT NULL,
             UNIQUE (guild, name)
         )
-        """
-    )
-    db.execute(
+        """,
         """
         CREATE TABLE blocklist (
             id INTEGER PRIMARY KEY,
@@ -114,25 +111,21 @@ def _guild_config_personas_safety_conversations(db: Database) -> None:
             added_at REAL NOT NULL,
             UNIQUE (guild, pattern, is_regex)
         )
-        """
-    )
-    db.execute(
+        """,
         """
         CREATE TABLE safety_log (
             id INTEGER PRIMARY KEY,
             guild TEXT,
             channel TEXT,
-            user TEXT NOT NULL,
+            "user" TEXT NOT NULL,
             kind TEXT NOT NULL,                  -- text | image | audio | text-output | ...
             excerpt TEXT NOT NULL,               -- the start of the prompt, never all of it
             rule TEXT NOT NULL,
             category TEXT NOT NULL,
             at REAL NOT NULL
         )
-        """
-    )
-    db.execute("CREATE INDEX safety_log_guild_at ON safety_log (guild, at)")
-    db.execute(
+        """,
+        "CREATE INDEX safety_log_guild_at ON safety_log (guild, at)",
         """
         CREATE TABLE conversation_turns (
             id INTEGER PRIMARY KEY,
@@ -148,15 +141,11 @@ def _guild_config_personas_safety_conversations(db: Database) -> None:
             tokens INTEGER,
             created_at REAL NOT NULL
         )
-        """
-    )
-    db.execute("CREATE UNIQUE INDEX conversation_turns_message ON conversation_turns (message_id)")
-    db.execute("CREATE INDEX conversation_turns_conversation ON conversation_turns (conversation_id, id)")
-
-
-@MIGRATIONS(name="0003_schedules")
-def _schedules(db: Database) -> None:
-    db.execute(
+        """,
+        "CREATE UNIQUE INDEX conversation_turns_message ON conversation_turns (message_id)",
+        "CREATE INDEX conversation_turns_conversation ON conversation_turns (conversation_id, id)",
+    )),
+    Migration("0003_schedules", (
         """
         CREATE TABLE schedules (
             id INTEGER PRIMARY KEY,
@@ -177,15 +166,11 @@ def _schedules(db: Database) -> None:
             last_error TEXT,
             note TEXT                        -- why it was paused or skipped, for moderators
         )
-        """
-    )
-    db.execute("CREATE INDEX schedules_guild ON schedules (guild)")
-    db.execute("CREATE INDEX schedules_due ON schedules (paused, next_run_at)")
-
-
-@MIGRATIONS(name="0004_community")
-def _community(db: Database) -> None:
-    db.execute(
+        """,
+        "CREATE INDEX schedules_guild ON schedules (guild)",
+        "CREATE INDEX schedules_due ON schedules (paused, next_run_at)",
+    )),
+    Migration("0004_community", (
         """
         CREATE TABLE community_channels (    -- channels whose messages may be learned from (opt-in)
             guild TEXT NOT NULL,
@@ -194,19 +179,15 @@ def _community(db: Database) -> None:
             at REAL NOT NULL,
             PRIMARY KEY (guild, channel)
         )
-        """
-    )
-    db.execute(
+        """,
         """
         CREATE TABLE community_optout (      -- members whose messages are never captured
             guild TEXT NOT NULL,
-            user TEXT NOT NULL,
+            "user" TEXT NOT NULL,
             at REAL NOT NULL,
-            PRIMARY KEY (guild, user)
+            PRIMARY KEY (guild, "user")
         )
-        """
-    )
-    db.execute(
+        """,
         """
         CREATE TABLE community_items (
             id INTEGER PRIMARY KEY,
@@ -223,12 +204,10 @@ def _community(db: Database) -> None:
             edited_at REAL,
             approved_by TEXT
         )
-        """
-    )
-    db.execute("CREATE INDEX community_items_guild_status ON community_items (guild, status, kind)")
-    db.execute("CREATE INDEX community_items_author ON community_items (guild, author)")
-    db.execute("CREATE INDEX community_items_sha ON community_items (guild, sha256)")
-    db.execute(
+        """,
+        "CREATE INDEX community_items_guild_status ON community_items (guild, status, kind)",
+        "CREATE INDEX community_items_author ON community_items (guild, author)",
+        "CREATE INDEX community_items_sha ON community_items (guild, sha256)",
         """
         CREATE TABLE community_files (
             id INTEGER PRIMARY KEY,
@@ -238,10 +217,8 @@ def _community(db: Database) -> None:
             mime TEXT NOT NULL,
             size INTEGER NOT NULL
         )
-        """
-    )
-    db.execute("CREATE INDEX community_files_item ON community_files (item_id)")
-    db.execute(
+        """,
+        "CREATE INDEX community_files_item ON community_files (item_id)",
         """
         CREATE TABLE model_versions (
             id INTEGER PRIMARY KEY,
@@ -258,26 +235,36 @@ def _community(db: Database) -> None:
             created_at REAL NOT NULL,
             promoted_at REAL                 -- the serving version is the promoted one promoted last
         )
-        """
-    )
-    db.execute("CREATE INDEX model_versions_guild ON model_versions (guild, modality, status)")
-
-
-@MIGRATIONS(name="0005_jobs_requester_kind_created")
-def _jobs_requester_kind_created(db: Database) -> None:
+        """,
+        "CREATE INDEX model_versions_guild ON model_versions (guild, modality, status)",
+    )),
     # Cooldown and daily-quota checks run on every job a member asks for: a member's jobs of
     # one kind, newest first or since midnight, without scanning their whole history.
-    db.execute("CREATE INDEX jobs_requester_kind_created ON jobs (requester, kind, created_at)")
-
-
-@MIGRATIONS(name="0006_app_state")
-def _app_state(db: Database) -> None:
-    db.execute(
+    Migration("0005_jobs_requester_kind_created", (
+        "CREATE INDEX jobs_requester_kind_created ON jobs (requester, kind, created_at)",
+    )),
+    Migration("0006_app_state", (
         """
         CREATE TABLE app_state (             -- the bot's own small facts, e.g. the hash of the
             key TEXT PRIMARY KEY,            -- slash commands last registered with Discord
             value TEXT NOT NULL,
             updated_at REAL NOT NULL
         )
-        """
-    )
+        """,
+    )),
+)
+
+
+def sqlite_migrations() -> Migrations:
+    """The schema as sqlite-utils migrations (it records which ones a file has had)."""
+    migrations = Migrations("aigcbot")
+    for migration in SCHEMA:
+        migrations(name=migration.name)(_applier(migration))
+    return migrations
+
+
+def _applier(migration: Migration) -> Callable[[Database], None]:
+    def apply(db: Database) -> None:
+        for statement in migration.statements:
+            db.execute(statement)
+    return apply

@@ -10,6 +10,7 @@ import pytest
 import pytest_asyncio
 
 from tests import vllm_server
+from tests.databases import db_target  # noqa: F401  (the contract: SQLite and PostgreSQL)
 from tests.fakediscord import FakeDiscord
 from tests.fakediscord.fixtures import *  # noqa: F403  (fake_discord, fake_discord_factory)
 from tests.frontends import FRONTENDS, open_frontend

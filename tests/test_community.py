@@ -4,7 +4,6 @@ schedule and the moderator-only handlers. Real SQLite files in tmp folders; no m
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -63,8 +62,8 @@ class Clock:
 
 
 @pytest.fixture
-def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "bot.sqlite3"
+def db_path(db_target: Path | str) -> Path | str:
+    return db_target
 
 
 @pytest.fixture
@@ -91,12 +90,12 @@ def _png(seed: int) -> bytes:
     return buffer.getvalue()
 
 
-def _rows(db_path: Path, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
-    conn = sqlite3.connect(db_path)  # a separate connection: what is really on disk
+def _rows(db_path: Path | str, sql: str, args: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    db = open_database(db_path)  # a separate connection: what is really stored
     try:
-        return conn.execute(sql, args).fetchall()
+        return [tuple(row) for row in db.execute(sql, args).fetchall()]
     finally:
-        conn.close()
+        db.close()
 
 
 # --- consent and capture ---------------------------------------------------------------------

@@ -18,14 +18,15 @@ from generators.base import Request
 from generators.text import TextGenerator
 from storage.conversations import ConversationError, NewTurn, Turn
 from storage.jobs import JobRecord
+from tests.databases import store_settings
 from tests.handlers import C1, OTHER_G, make_services
 
 G = "100000000000000001"
 
 
 @pytest_asyncio.fixture
-async def services(tmp_path: Path) -> AsyncIterator[Services]:
-    services = make_services(tmp_path, system_prompt="GLOBAL")
+async def services(tmp_path: Path, db_target: Path | str) -> AsyncIterator[Services]:
+    services = make_services(tmp_path, **store_settings(db_target), system_prompt="GLOBAL")
     yield services
     await services.close()
 

@@ -13,15 +13,16 @@ from bot.commands import CATALOGUE
 from bot.commands.moderation import config_reset, config_set, config_show
 from bot.core.invocation import Invocation
 from bot.core.services import Services
-from storage.database import open_database
+from storage.database import Database, applied_migrations, open_database
 from storage.guild_config import KEYS, ConfigError, ConfigStore
 from storage.personas import PersonaStore
+from tests.databases import store_settings, table_names
 from tests.handlers import C1, C2, OTHER_G, G, Recorder, make_services, run
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[sqlite_utils.Database]:
-    database = open_database(tmp_path / "db.sqlite3")
+def db(db_target: Path | str) -> Iterator[Database]:
+    database = open_database(db_target)
     yield database
     database.close()
 
@@ -32,9 +33,9 @@ def store(db: sqlite_utils.Database) -> ConfigStore:
 
 
 @pytest_asyncio.fixture
-async def services(tmp_path: Path) -> AsyncIterator[Services]:
-    services = make_services(tmp_path, system_prompt="GLOBAL", text_model="smollm2", max_pending_per_user=5,
-                             discord_moderator_role="Moderator")
+async def services(tmp_path: Path, db_target: Path | str) -> AsyncIterator[Services]:
+    services = make_services(tmp_path, **store_settings(db_target), system_prompt="GLOBAL", text_model="smollm2",
+                             max_pending_per_user=5, discord_moderator_role="Moderator")
     yield services
     await services.close()
 
@@ -43,10 +44,9 @@ def _rows(db: sqlite_utils.Database) -> list[tuple[object, ...]]:
     return db.execute("SELECT * FROM guild_config ORDER BY guild, channel, key").fetchall()
 
 
-def test_migration_creates_the_tables(db: sqlite_utils.Database) -> None:
-    names = [r[0] for r in db.execute("SELECT name FROM _sqlite_migrations").fetchall()]
-    assert "0002_guild_config_personas_safety_conversations" in names
-    assert {"guild_config", "personas", "blocklist", "safety_log", "conversation_turns"} <= set(db.table_names())
+def test_migration_creates_the_tables(db: Database) -> None:
+    assert "0002_guild_config_personas_safety_conversations" in applied_migrations(db)
+    assert {"guild_config", "personas", "blocklist", "safety_log", "conversation_turns"} <= set(table_names(db))
 
 
 def test_channel_overrides_server_overrides_global(store: ConfigStore) -> None:

@@ -13,17 +13,18 @@ from bot.commands import moderation
 from bot.core import conversation
 from bot.core.invocation import Invocation
 from bot.core.services import Services
-from storage.database import open_database
+from storage.database import Database, open_database
 from storage.guild_config import ConfigStore
 from storage.personas import MAX_SYSTEM_PROMPT, PersonaError, PersonaStore
+from tests.databases import store_settings
 from tests.handlers import C1, C2, OTHER_G, Recorder, make_services, run
 
 G = "100000000000000001"
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[sqlite_utils.Database]:
-    database = open_database(tmp_path / "db.sqlite3")
+def db(db_target: Path | str) -> Iterator[Database]:
+    database = open_database(db_target)
     yield database
     database.close()
 
@@ -34,8 +35,8 @@ def personas(db: sqlite_utils.Database) -> PersonaStore:
 
 
 @pytest_asyncio.fixture
-async def services(tmp_path: Path) -> AsyncIterator[Services]:
-    services = make_services(tmp_path, system_prompt="GLOBAL")
+async def services(tmp_path: Path, db_target: Path | str) -> AsyncIterator[Services]:
+    services = make_services(tmp_path, **store_settings(db_target), system_prompt="GLOBAL")
     yield services
     await services.close()
 

@@ -27,6 +27,7 @@ from bot.core.services import Services
 from bot.settings import load_settings
 from generators.registry import ModelRegistry
 from storage.privacy import FORGOTTEN
+from tests.databases import store_settings, table_names
 from tests.discord_bots import png
 from tests.handlers import C1, OTHER_G, G, Recorder, run
 from tests.scripted import ScriptedGenerator
@@ -41,11 +42,11 @@ def inv(user: str, guild: str | None = G, *, moderator: bool = False, message: s
 
 
 @pytest_asyncio.fixture
-async def services(tmp_path: Path) -> AsyncIterator[Services]:
+async def services(tmp_path: Path, db_target: Path | str) -> AsyncIterator[Services]:
     text = ScriptedGenerator()
     registry = ModelRegistry({"text": lambda _n: text}, {"text": "m"}, budget_bytes=2**30)
-    services = Services(load_settings(_env_file=None, data_dir=tmp_path / "data"), commands=CATALOGUE.switchable(),
-                        registry=registry)
+    settings = load_settings(_env_file=None, data_dir=tmp_path / "data", **store_settings(db_target))
+    services = Services(settings, commands=CATALOGUE.switchable(), registry=registry)
     await services.start()
     yield services
     await services.close()
@@ -126,8 +127,8 @@ def traces(services: Services, needles: tuple[str, ...]) -> list[str]:
     """Where any needle still is: table cells, raw database and WAL bytes, files under data/."""
     found = []
     db = services.db
-    for table in db.table_names():
-        for row in db.execute(f"SELECT * FROM [{table}]").fetchall():
+    for table in table_names(db):
+        for row in db.execute(f'SELECT * FROM "{table}"').fetchall():
             for cell in row:
                 if any(n in str(cell) for n in needles):
                     found.append(f"{table}: {row}")

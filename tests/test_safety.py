@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 import regex
-import sqlite_utils
 
 from bot.commands import moderation
 from bot.core import safety
@@ -32,21 +31,23 @@ from bot.core.safety import (
     validate_rule,
 )
 from bot.core.services import Services
+from storage.database import Database
 from storage.jobs import JobRecord
+from tests.databases import store_settings
 from tests.handlers import C1, C2, Recorder, make_services, run
 
 G = "100000000000000001"
 
 
 @pytest_asyncio.fixture
-async def services(tmp_path: Path) -> AsyncIterator[Services]:
-    services = make_services(tmp_path)
+async def services(tmp_path: Path, db_target: Path | str) -> AsyncIterator[Services]:
+    services = make_services(tmp_path, **store_settings(db_target))
     yield services
     await services.close()
 
 
 @pytest.fixture
-def db(services: Services) -> sqlite_utils.Database:
+def db(services: Services) -> Database:
     return services.db
 
 
@@ -69,8 +70,8 @@ def _answer(text: str) -> JobRecord:
                      worker=None, created_at=0.0, started_at=0.0, finished_at=1.0, error=None, result={"text": text})
 
 
-def _log(db: sqlite_utils.Database) -> list[tuple[object, ...]]:
-    sql = "SELECT guild, channel, user, kind, excerpt, rule, category FROM safety_log ORDER BY id"
+def _log(db: Database) -> list[tuple[object, ...]]:
+    sql = "SELECT guild, channel, \"user\", kind, excerpt, rule, category FROM safety_log ORDER BY id"
     return db.execute(sql).fetchall()
 
 
@@ -262,7 +263,7 @@ def test_rule_cache_compiles_each_entry_once_and_stays_bounded() -> None:
 # --- guard, log and handlers -----------------------------------------------------------------
 @pytest.mark.asyncio
 @pytest.mark.parametrize("kind", ["text", "image", "audio"])
-async def test_blocked_prompt_is_refused_and_logged_for_every_kind(services: Services, db: sqlite_utils.Database,
+async def test_blocked_prompt_is_refused_and_logged_for_every_kind(services: Services, db: Database,
                                                                    kind: str) -> None:
     services.safety.add(G, "zorblax", by="mod")
     refusal = await guard_prompt(_inv(), services, kind, "draw a Z0RBLAX please")
@@ -277,7 +278,7 @@ async def test_blocked_prompt_is_refused_and_logged_for_every_kind(services: Ser
 
 
 @pytest.mark.asyncio
-async def test_guard_uses_the_channel_age_restriction(services: Services, db: sqlite_utils.Database) -> None:
+async def test_guard_uses_the_channel_age_restriction(services: Services, db: Database) -> None:
     services.config.set(G, "age_restricted", "true", channel=C1, by="mod")
     assert await guard_prompt(_inv(channel=C1), services, "text", "I will kill you") is None
     assert await guard_prompt(_inv(channel=C2), services, "text", "I will kill you") is not None
@@ -287,7 +288,7 @@ async def test_guard_uses_the_channel_age_restriction(services: Services, db: sq
 
 
 @pytest.mark.asyncio
-async def test_guard_in_direct_messages_and_on_outputs(services: Services, db: sqlite_utils.Database) -> None:
+async def test_guard_in_direct_messages_and_on_outputs(services: Services, db: Database) -> None:
     services.safety.add(G, "zorblax", by="mod")
     dm = _inv(guild=None, channel=None)
     assert await guard_prompt(dm, services, "text", "zorblax") is None  # a server's list stays there
@@ -301,7 +302,7 @@ async def test_guard_in_direct_messages_and_on_outputs(services: Services, db: s
 
 
 @pytest.mark.asyncio
-async def test_blocklist_handlers(services: Services, db: sqlite_utils.Database) -> None:
+async def test_blocklist_handlers(services: Services, db: Database) -> None:
     out = Recorder()
     await run("blocklist add", _inv(moderator=False), out, services, pattern="zorblax")
     await run("blocklist list", _inv(moderator=False), out, services)

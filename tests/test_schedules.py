@@ -127,6 +127,7 @@ class Responses:
 @dataclass
 class Env:
     tmp: Path
+    target: Path | str
     clock: Clock
     queue: GenerationQueue
     text: ScriptedGenerator
@@ -146,26 +147,26 @@ class Env:
         options: dict[str, Any] = {"clock": self.clock, "modlog": self.modlog, "sleep": sleep,
                                    "names": lambda guild, channel: (f"Server {guild}", f"chan-{channel}")}
         options.update(kw)
-        poster = ScheduledPoster(SqliteScheduleStore(open_database(self.tmp / "db.sqlite3"), self.clock),
+        poster = ScheduledPoster(SqliteScheduleStore(open_database(self.target), self.clock),
                                  self.queue, self.poster, **options)
         self.made.append(poster)
         return poster
 
     def rows(self) -> list[tuple[Any, ...]]:
-        return open_database(self.tmp / "db.sqlite3").execute(
+        return open_database(self.target).execute(
             "SELECT id, paused, next_run_at FROM schedules ORDER BY id").fetchall()
 
 
 @pytest_asyncio.fixture
-async def env(tmp_path: Path) -> AsyncIterator[Env]:
+async def env(tmp_path: Path, db_target: Path | str) -> AsyncIterator[Env]:
     text, image = ScriptedGenerator(), ImageGenerator()
     registry = ModelRegistry({"text": lambda _n: text, "image": lambda _n: image}, {"text": "m", "image": "m"},
                              budget_bytes=10**9)
     adb = AsyncDatabase()
-    queue = GenerationQueue(SqliteJobStore(open_database(tmp_path / "db.sqlite3")), registry,
+    queue = GenerationQueue(SqliteJobStore(open_database(db_target)), registry,
                             QueueConfig(artifacts_dir=tmp_path / "artifacts"), db=adb)
     await queue.start()
-    environment = Env(tmp_path, Clock("2025-03-01 00:30"), queue, text, image, adb=adb)
+    environment = Env(tmp_path, db_target, Clock("2025-03-01 00:30"), queue, text, image, adb=adb)
     yield environment
     for poster in environment.made:
         await poster.stop()
@@ -338,7 +339,7 @@ async def test_a_due_cron_job_fires_through_apscheduler(env: Env) -> None:
     await live.start()
     new = await live.add(_req(when="hourly"))
     # Make the slot due now in the table, then let the scheduler's own job pick it up.
-    store = SqliteScheduleStore(open_database(env.tmp / "db.sqlite3"))
+    store = SqliteScheduleStore(open_database(env.target))
     assert store.claim_slot(new.id, new.next_run_at or 0, time.time() - 1)
     await live._reconcile()
     async with asyncio.timeout(5):
@@ -527,7 +528,7 @@ class FakeServices:
 
     @classmethod
     def of(cls, env: Env) -> FakeServices:
-        db = open_database(env.tmp / "db.sqlite3")
+        db = open_database(env.target)
         settings = load_settings(_env_file=None, data_dir=env.tmp / "data")
         return cls(env.make(), Moderation(settings, env.adb, ConfigStore(db), SafetyStore(db), RuleCache()))
 

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from storage.app_state import StateStore
-from storage.database import StorageError, open_database
+from storage.database import StorageError, immediate, open_database
 from storage.jobs import (
     Artifact,
     JobLimits,
@@ -20,6 +19,7 @@ from storage.jobs import (
     UsageTotal,
     format_duration,
 )
+from tests.databases import INTEGRITY_ERRORS
 
 
 def _job(user: str = "u1", **kw: object) -> NewJob:
@@ -33,9 +33,9 @@ def test_open_applies_migrations_in_wal_mode(tmp_path: Path) -> None:
     assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert {"jobs", "artifacts", "usage", "_sqlite_migrations"} <= set(db.table_names())
     applied = [r[0] for r in db.execute("SELECT name FROM _sqlite_migrations").fetchall()]
-    from storage.schema import MIGRATIONS
+    from storage.schema import SCHEMA
 
-    assert applied == [m.name for m in MIGRATIONS._migrations]  # every migration, in order
+    assert applied == [m.name for m in SCHEMA]  # every migration, in order
     assert applied[0] == "0001_jobs_artifacts_usage"
     db.close()
     # Opening again applies nothing twice.
@@ -50,8 +50,8 @@ def test_unwritable_database_path_is_a_clear_error(tmp_path: Path) -> None:
         open_database(blocker / "db.sqlite3")
 
 
-def test_job_lifecycle_with_artifacts_and_usage(tmp_path: Path) -> None:
-    store = SqliteJobStore(open_database(tmp_path / "db.sqlite3"))
+def test_job_lifecycle_with_artifacts_and_usage(db_target: Path | str) -> None:
+    store = SqliteJobStore(open_database(db_target))
     record = store.create_job(_job(params={"seed": 1}, guild="g1"))
     assert record.status == "queued" and record.params == {"seed": 1}
     assert store.claim([record.id], "w") == [record.id]
@@ -68,19 +68,19 @@ def test_job_lifecycle_with_artifacts_and_usage(tmp_path: Path) -> None:
     assert not store.fail(record.id, "late")
 
 
-def test_finish_is_one_transaction(tmp_path: Path) -> None:
-    store = SqliteJobStore(open_database(tmp_path / "db.sqlite3"))
+def test_finish_is_one_transaction(db_target: Path | str) -> None:
+    store = SqliteJobStore(open_database(db_target))
     record = store.create_job(_job())
     store.claim([record.id], "w")
     bad = Artifact(path="/x", mime="a/b", size=1, sha256=None)  # type: ignore[arg-type]  # NOT NULL
-    with pytest.raises(sqlite3.IntegrityError):
+    with pytest.raises(INTEGRITY_ERRORS):
         store.finish(record.id, {"text": "x"}, [bad], 0)
     after = store.get(record.id)
     assert after.status == "running" and after.artifacts == [] and store.usage("u1") == []
 
 
-def test_quota_is_enforced_atomically(tmp_path: Path) -> None:
-    store = SqliteJobStore(open_database(tmp_path / "db.sqlite3"))
+def test_quota_is_enforced_atomically(db_target: Path | str) -> None:
+    store = SqliteJobStore(open_database(db_target))
     for _ in range(2):
         store.create_job(_job(), max_pending=2)
     with pytest.raises(QuotaExceeded, match="limit 2"):
@@ -90,8 +90,8 @@ def test_quota_is_enforced_atomically(tmp_path: Path) -> None:
     assert len(store.list_jobs()) == 3
 
 
-def test_cancel_queued_and_flag_running(tmp_path: Path) -> None:
-    store = SqliteJobStore(open_database(tmp_path / "db.sqlite3"))
+def test_cancel_queued_and_flag_running(db_target: Path | str) -> None:
+    store = SqliteJobStore(open_database(db_target))
     a, b = store.create_job(_job()), store.create_job(_job())
     store.claim([b.id], "w")
     assert store.cancel(a.id) == "cancelled"
@@ -100,14 +100,14 @@ def test_cancel_queued_and_flag_running(tmp_path: Path) -> None:
     assert store.get(a.id).status == "cancelled"
 
 
-def test_recover_requeues_dead_workers_and_gives_up_after_max_attempts(tmp_path: Path) -> None:
-    store = SqliteJobStore(open_database(tmp_path / "db.sqlite3"))
+def test_recover_requeues_dead_workers_and_gives_up_after_max_attempts(db_target: Path | str) -> None:
+    store = SqliteJobStore(open_database(db_target))
     a, b, c = (store.create_job(_job()) for _ in range(3))
     store.claim([a.id, b.id], "dead")
     store.claim([c.id], "alive")
     db = store.db
-    db.execute("UPDATE jobs SET attempts=3 WHERE id=?", [b.id])
-    db.conn.commit()
+    with immediate(db):
+        db.execute("UPDATE jobs SET attempts=3 WHERE id=?", [b.id])
     requeued, failed = store.recover(3, lambda worker, _hb: worker == "dead")
     assert (requeued, failed) == ([a.id], [b.id])
     assert store.get(a.id).status == "queued"
@@ -131,9 +131,9 @@ class Clock:
         return self.now
 
 
-def _limited(tmp_path: Path) -> tuple[SqliteJobStore, Clock]:
+def _limited(db_target: Path | str) -> tuple[SqliteJobStore, Clock]:
     clock = Clock()
-    return SqliteJobStore(open_database(tmp_path / "db.sqlite3"), clock), clock
+    return SqliteJobStore(open_database(db_target), clock), clock
 
 
 def _kjob(user: str = "u1", guild: str | None = "g1", kind: str = "text") -> NewJob:
@@ -154,8 +154,8 @@ def test_format_duration_is_readable_and_rounds_up() -> None:
     assert format_duration(7200) == "2 h"
 
 
-def test_cooldown_refuses_inside_the_window_and_allows_after(tmp_path: Path) -> None:
-    store, clock = _limited(tmp_path)
+def test_cooldown_refuses_inside_the_window_and_allows_after(db_target: Path | str) -> None:
+    store, clock = _limited(db_target)
     limits = JobLimits(cooldown_s=60)
     store.create_job(_kjob(), limits=limits)
     clock.now = T + 18
@@ -175,8 +175,8 @@ def test_cooldown_refuses_inside_the_window_and_allows_after(tmp_path: Path) -> 
     assert _count(store) == 2
 
 
-def test_failed_job_starts_no_cooldown_but_a_cancelled_one_does(tmp_path: Path) -> None:
-    store, clock = _limited(tmp_path)
+def test_failed_job_starts_no_cooldown_but_a_cancelled_one_does(db_target: Path | str) -> None:
+    store, clock = _limited(db_target)
     limits = JobLimits(cooldown_s=300)
     failed = store.create_job(_kjob())
     store.fail(failed.id, "model crashed")
@@ -189,8 +189,8 @@ def test_failed_job_starts_no_cooldown_but_a_cancelled_one_does(tmp_path: Path) 
     assert caught.value.retry_at == T + 1 + 300
 
 
-def test_cooldown_is_per_member_server_and_kind(tmp_path: Path) -> None:
-    store, clock = _limited(tmp_path)
+def test_cooldown_is_per_member_server_and_kind(db_target: Path | str) -> None:
+    store, clock = _limited(db_target)
     limits = JobLimits(cooldown_s=60)
     store.create_job(_kjob(), limits=limits)
     store.create_job(_kjob(guild=None), limits=limits)  # direct messages
@@ -203,8 +203,8 @@ def test_cooldown_is_per_member_server_and_kind(tmp_path: Path) -> None:
     assert _count(store) == 5
 
 
-def test_daily_quota_counts_live_and_finished_jobs_and_resets_at_utc_midnight(tmp_path: Path) -> None:
-    store, clock = _limited(tmp_path)
+def test_daily_quota_counts_live_and_finished_jobs_and_resets_at_utc_midnight(db_target: Path | str) -> None:
+    store, clock = _limited(db_target)
     limits = JobLimits(daily=3)
     clock.now = T - 86400  # yesterday's jobs don't count today
     store.create_job(_kjob(), limits=limits)
@@ -234,8 +234,8 @@ def test_daily_quota_counts_live_and_finished_jobs_and_resets_at_utc_midnight(tm
     store.create_job(_kjob(), limits=limits)
 
 
-def test_the_longest_refusal_wins_and_limits_override_max_pending(tmp_path: Path) -> None:
-    store, _ = _limited(tmp_path)
+def test_the_longest_refusal_wins_and_limits_override_max_pending(db_target: Path | str) -> None:
+    store, _ = _limited(db_target)
     store.create_job(_kjob(), max_pending=1, limits=JobLimits(max_pending=2))  # 2 overrides 1
     store.create_job(_kjob(kind="image"), max_pending=1, limits=JobLimits(max_pending=2))
     with pytest.raises(LimitReached, match="limit 2") as caught:
@@ -248,7 +248,7 @@ def test_the_longest_refusal_wins_and_limits_override_max_pending(tmp_path: Path
 
 
 def test_limit_lookups_use_the_requester_kind_created_index(tmp_path: Path) -> None:
-    store, _ = _limited(tmp_path)
+    store, _ = _limited(tmp_path / "db.sqlite3")  # SQLite's query planner
     statements: list[str] = []
     store.db.conn.set_trace_callback(statements.append)
     store.create_job(_kjob(), limits=JobLimits(cooldown_s=60, daily=5))
@@ -268,8 +268,8 @@ def _finished(store: SqliteJobStore, clock: Clock, user: str, guild: str | None,
     store.finish(record.id, {}, [], tokens)
 
 
-def test_usage_summary_top_members_and_jobs_today(tmp_path: Path) -> None:
-    store, clock = _limited(tmp_path)
+def test_usage_summary_top_members_and_jobs_today(db_target: Path | str) -> None:
+    store, clock = _limited(db_target)
     clock.now = T - 86400  # 2025-03-09
     _finished(store, clock, "u1", "g1", tokens=5)
     _finished(store, clock, "u1", "g1", "image")

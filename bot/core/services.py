@@ -23,6 +23,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+import psycopg
 import sqlite_utils
 from prometheus_client import CollectorRegistry
 
@@ -41,7 +42,7 @@ from jobs.scheduled_posts import LogModLog, ModLog, PosterModLog, PostTarget, Sc
 from storage.app_state import StateStore
 from storage.community import CommunityStore
 from storage.conversations import ConversationStore
-from storage.database import AsyncDatabase, open_database
+from storage.database import AsyncDatabase, Database, open_database
 from storage.guild_config import ConfigStore
 from storage.jobs import SqliteJobStore
 from storage.personas import PersonaStore
@@ -179,8 +180,8 @@ class Services:
 
     # --- storage -------------------------------------------------------------------------
     @cached_property
-    def db(self) -> sqlite_utils.Database:
-        return open_database(self.settings.db_file)
+    def db(self) -> Database:
+        return open_database(self.settings.store_target)
 
     @cached_property
     def adb(self) -> AsyncDatabase:
@@ -305,6 +306,8 @@ class Services:
         connection of our own instead of borrowing the database thread's."""
         if not guild:
             return "UTC"
+        if self.settings.uses_postgres:  # a pool: any thread may read
+            return str(self.config.effective("timezone", guild, None, {"timezone": "UTC"}) or "UTC")
         conn = sqlite3.connect(f"file:{self.settings.db_file}?mode=ro", uri=True, timeout=5)
         try:
             zone = ConfigStore(sqlite_utils.Database(conn)).effective("timezone", guild, None, {"timezone": "UTC"})
@@ -391,5 +394,5 @@ class Services:
         if "registry" in built:
             self.registry.unload_all()
         if "db" in built:
-            with contextlib.suppress(sqlite3.Error):
+            with contextlib.suppress(sqlite3.Error, psycopg.Error):
                 self.db.close()
