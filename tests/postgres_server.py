@@ -131,8 +131,14 @@ def start(bindir: Path) -> PostgresServer:
         if user is not None:
             shutil.chown(cluster, user, _group_of(user))
         data, sockets = cluster / "data", cluster / "socket"
-        _run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
-              "--locale=C", "--no-sync"], user, cluster)
+        try:
+            _run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "-A", "trust", "-E", "UTF8",
+                  "--locale=C", "--no-sync"], user, cluster)
+        except RuntimeError as failed:
+            if user is None:
+                raise
+            raise RuntimeError(f"{failed}\n(the {user!r} user must be able to reach {cluster}: "
+                               "point TMPDIR at a folder every user can enter, such as /tmp)") from None
         sockets.mkdir()
         if user is not None:
             shutil.chown(sockets, user, _group_of(user))
