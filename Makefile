@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # regenerates it from pyproject.toml); pip itself first, then torch, then the rest.
 PIP    := $(BIN)/pip install --quiet --disable-pip-version-check -c constraints.txt
 
-.PHONY: setup run test lint bench clean constraints torch-plan
+.PHONY: setup run test lint bench clean constraints torch-plan postgres
 
 # torch comes in two builds: CUDA (PyPI's Linux wheel, gigabytes, with bitsandbytes: the `cuda`
 # extra) where nvidia-smi lists a GPU, else the CPU build. `make setup TORCH=cpu|cuda` overrides
@@ -99,7 +99,21 @@ $(VLLM_VENV)/.installed: requirements/vllm.txt
 	$(VLLM_VENV)/bin/pip uninstall --quiet -y torchvision torchaudio torchcodec 2>/dev/null || true
 	@touch $@
 
-test: setup $(VLLM_VENV)/.installed
+# The tests start a throwaway PostgreSQL cluster from the distribution's binaries
+# (tests/postgres_server.py): installed here when neither PATH nor $(PG_LIB)/*/bin has initdb,
+# unless AIGC_TEST_DATABASE_URL names a server to use instead. Debian's package may also start
+# a cluster of its own as a service; the tests do not use it.
+PG_LIB ?= /usr/lib/postgresql
+
+postgres:
+	@[ -n "$$AIGC_TEST_DATABASE_URL" ] || command -v initdb >/dev/null || ls $(PG_LIB)/*/bin/initdb >/dev/null 2>&1 \
+	  || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] && echo "installing PostgreSQL for the tests (apt-get install postgresql)" \
+	  && (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null 2>&1 \
+	      || (apt-get update -qq >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null 2>&1)) \
+	  || echo "note: PostgreSQL not installed (as root: apt-get install postgresql); its tests skip, or fail with CI=true," \
+	    "unless AIGC_TEST_DATABASE_URL names a server"; }
+
+test: setup $(VLLM_VENV)/.installed postgres
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
 	$(BIN)/pytest -q

@@ -2,13 +2,14 @@
 
 import shutil
 import tempfile
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import pytest_asyncio
 
+from tests import postgres_server as pg
 from tests import vllm_server
 from tests.databases import db_target  # noqa: F401  (the contract: SQLite and PostgreSQL)
 from tests.fakediscord import FakeDiscord
@@ -61,6 +62,22 @@ def vllm(pytestconfig: pytest.Config) -> vllm_server.VllmServer:
     server = pytestconfig.stash[VLLM]
     server.wait_ready()
     return server
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[pg.PostgresServer]:
+    """This run's PostgreSQL: a throwaway cluster started when a test first asks, or the server
+    AIGC_TEST_DATABASE_URL names. Without either: skipped, or failed under CI=true."""
+    server = pg.open_or_skip()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: pg.PostgresServer) -> Iterator[str]:
+    """The URL of a fresh, empty database of this test's own on it, dropped afterwards."""
+    with postgres_server.database() as url:
+        yield url
 
 
 # --- one bot, run through each front end (gateway, HTTP endpoint, console) -----------------------

@@ -88,3 +88,67 @@ def test_the_torch_setting_overrides_the_guess(tmp_path: Path) -> None:
     assert bad.returncode != 0
     assert bad.stderr.strip().endswith("TORCH must be auto, cpu or cuda, not 'gpu'.  Stop.")
     assert len(bad.stderr.strip().splitlines()) == 1
+
+
+# --- `make postgres` (a prerequisite of `make test`): installs PostgreSQL where it is absent ---------
+# Scripts named apt-get and id stand in for the real ones (they log what apt-get was asked), and
+# PG_LIB points at an empty folder, so this machine's own PostgreSQL is not seen.
+APT_GET = """#!/bin/sh
+echo "$*" >> "$APT_LOG"
+case "$*" in install*) [ -n "$APT_FAIL_FIRST" ] && [ ! -e "$APT_LOG.updated" ] && exit 100 ;; esac
+case "$*" in update*) touch "$APT_LOG.updated" ;; esac
+exit 0
+"""
+
+
+def _make_postgres(tmp_path: Path, uid: int, *, initdb: bool = False, fail_first: bool = False,
+                   url: str = "") -> tuple[subprocess.CompletedProcess[str], list[str]]:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scripts = {"apt-get": APT_GET, "id": f'#!/bin/sh\necho {uid}\n'}
+    if initdb:
+        scripts["initdb"] = "#!/bin/sh\nexit 0\n"
+    for name, text in scripts.items():
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "apt.log"
+    env = {name: value for name, value in os.environ.items() if name not in ("AIGC_TEST_DATABASE_URL", "MAKEFLAGS")}
+    # No /usr/local/bin (where this machine links initdb): only the system's own folders.
+    env.update(PATH=f"{bin_dir}{os.pathsep}/usr/bin{os.pathsep}/bin", APT_LOG=str(log),
+               APT_FAIL_FIRST="1" if fail_first else "", AIGC_TEST_DATABASE_URL=url)
+    proc = subprocess.run([str(shutil.which("make")), "-s", "--no-print-directory", "-C", str(REPO), "postgres",
+                           f"PG_LIB={tmp_path / 'no-postgresql'}"], env=env, capture_output=True, text=True,
+                          timeout=60)
+    return proc, log.read_text().splitlines() if log.exists() else []
+
+
+def test_make_postgres_installs_postgresql_as_root_when_initdb_is_absent(tmp_path: Path) -> None:
+    proc, apt = _make_postgres(tmp_path, uid=0)
+    assert proc.returncode == 0, proc.stderr
+    assert apt == ["install -y -qq postgresql"]
+    assert "installing PostgreSQL" in proc.stdout
+
+
+def test_make_postgres_updates_the_package_lists_when_the_first_install_fails(tmp_path: Path) -> None:
+    proc, apt = _make_postgres(tmp_path, uid=0, fail_first=True)
+    assert proc.returncode == 0, proc.stderr
+    assert apt == ["install -y -qq postgresql", "update -qq", "install -y -qq postgresql"]
+    assert "note:" not in proc.stdout
+
+
+def test_make_postgres_leaves_a_note_when_not_root(tmp_path: Path) -> None:
+    proc, apt = _make_postgres(tmp_path, uid=1000)
+    assert proc.returncode == 0, proc.stderr
+    assert apt == []
+    assert proc.stdout.strip().startswith("note: PostgreSQL not installed (as root: apt-get install postgresql)")
+
+
+@pytest.mark.parametrize("where", ["PATH", "PG_LIB", "AIGC_TEST_DATABASE_URL"])
+def test_make_postgres_does_nothing_when_postgresql_or_a_server_url_is_there(tmp_path: Path, where: str) -> None:
+    if where == "PG_LIB":  # Debian's layout: /usr/lib/postgresql/<version>/bin, not on PATH
+        (tmp_path / "no-postgresql" / "15" / "bin").mkdir(parents=True)
+        (tmp_path / "no-postgresql" / "15" / "bin" / "initdb").write_text("")
+    proc, apt = _make_postgres(tmp_path, uid=0, initdb=where == "PATH",
+                               url="postgresql://postgres@db.example:5432/postgres" if where.startswith("AIGC") else "")
+    assert proc.returncode == 0, proc.stderr
+    assert apt == [] and proc.stdout == ""
