@@ -96,10 +96,10 @@ async def _queue_burst(text: str, concurrency: int, workdir: Path) -> dict[str, 
     from generators.queue import GenerationQueue, QueueConfig
     from generators.registry import ModelRegistry
     from storage.database import open_database
-    from storage.jobs import NewJob, SqliteJobStore
+    from storage.jobs import NewJob, SqlJobStore
 
     db_path = workdir / f"bench-{concurrency}-{time.monotonic_ns()}.sqlite"
-    store = SqliteJobStore(open_database(db_path))
+    store = SqlJobStore(open_database(db_path))
     registry = ModelRegistry({"audio": lambda name: SpeechGenerator()}, {"audio": "hibari"}, 1 << 30)
     queue = GenerationQueue(
         store,

@@ -99,11 +99,11 @@ async def start_queue(generator: Any) -> Any:
     from generators.queue import GenerationQueue, QueueConfig
     from generators.registry import ModelRegistry
     from storage.database import open_database
-    from storage.jobs import SqliteJobStore
+    from storage.jobs import SqlJobStore
 
     tmp = Path(tempfile.mkdtemp())
     registry = ModelRegistry({"text": lambda _n: generator}, {"text": "smollm2"}, budget_bytes=2**34)
-    queue = GenerationQueue(SqliteJobStore(open_database(tmp / "bench.sqlite3")), registry,
+    queue = GenerationQueue(SqlJobStore(open_database(tmp / "bench.sqlite3")), registry,
                             QueueConfig(artifacts_dir=tmp / "a", max_pending_per_user=100))
     await queue.start()
     return queue

@@ -57,7 +57,7 @@ from jobs.schedule_spec import (
 from storage.database import AsyncDatabase
 from storage.ids import is_snowflake
 from storage.jobs import JobRecord, NewJob, QuotaExceeded
-from storage.schedules import KINDS, NewSchedule, Schedule, ScheduleNotFound, SqliteScheduleStore
+from storage.schedules import KINDS, NewSchedule, Schedule, ScheduleNotFound, SqlScheduleStore
 
 log = logging.getLogger(__name__)
 
@@ -253,7 +253,7 @@ class ScheduledPoster(LiveScheduler):
     Give it the queue's ``AsyncDatabase`` (``db``) so all SQLite calls share one thread.
     """
 
-    def __init__(self, store: SqliteScheduleStore, queue: GenerationQueue | None, poster: Poster, *,
+    def __init__(self, store: SqlScheduleStore, queue: GenerationQueue | None, poster: Poster, *,
                  clock: Callable[[], float] = time.time,
                  timezone_for: TimezoneFor = utc,
                  quote_provider: QuoteProvider = no_quote,

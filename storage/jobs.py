@@ -1,7 +1,7 @@
 """Jobs, their artifacts and per-user usage: the queue's persistent store.
 
-`JobStore` is the small interface the queue needs; `SqliteJobStore` is the embedded
-implementation (a PostgreSQL one for GPU workers would implement the same methods).
+`JobStore` is the small interface the queue needs; `SqlJobStore` implements it on SQLite
+and on PostgreSQL alike (`storage.database`).
 Every method is one transaction: a job is never half-written.
 """
 
@@ -171,8 +171,8 @@ class JobStore(Protocol):
                   limit: int = 50) -> list[JobRecord]: ...
 
 
-class SqliteJobStore:
-    """The embedded JobStore on a sqlite-utils Database (see storage.database)."""
+class SqlJobStore:
+    """The JobStore on SQLite or PostgreSQL (see storage.database)."""
 
     def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db

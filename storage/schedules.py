@@ -82,8 +82,8 @@ class Schedule:
         }
 
 
-class SqliteScheduleStore:
-    """Schedules in the bot's SQLite database (see storage.database)."""
+class SqlScheduleStore:
+    """Schedules in the bot's database, SQLite or PostgreSQL (see storage.database)."""
 
     def __init__(self, db: Database, clock: Callable[[], float] = time.time) -> None:
         self.db = db

@@ -252,6 +252,32 @@ SCHEMA: tuple[Migration, ...] = (
         )
         """,
     )),
+    # Past one process (AIGC_DATABASE_URL): jobs run on workers of other hosts and any bot process
+    # may follow or deliver them.
+    Migration("0007_distributed_jobs", (
+        # Delivered to Discord once: the process that posts the result claims it first.
+        "ALTER TABLE jobs ADD COLUMN delivered_at REAL",
+        "ALTER TABLE jobs ADD COLUMN delivered_by TEXT",
+        # The job's place in its lane: its priority, then its member's round (fairness across
+        # processes, where no lane lives in one process's memory).
+        "ALTER TABLE jobs ADD COLUMN lane_rank INTEGER NOT NULL DEFAULT 0",
+        # The procrastinate job that runs it on a worker.
+        "ALTER TABLE jobs ADD COLUMN task_id INTEGER",
+        "CREATE INDEX jobs_undelivered ON jobs (delivered_at, status)",
+        """
+        CREATE TABLE artifact_data (         -- an artifact's bytes, when no folder is shared between hosts
+            artifact_id INTEGER NOT NULL PRIMARY KEY REFERENCES artifacts(id) ON DELETE CASCADE,
+            data BLOB NOT NULL
+        )
+        """,
+        """
+        CREATE TABLE slot_claims (           -- a scheduled firing (post, nightly training) claimed by
+            key TEXT PRIMARY KEY,            -- one process: "schedule:12:2025-03-01T09:00"
+            claimed_by TEXT NOT NULL,
+            at REAL NOT NULL
+        )
+        """,
+    )),
 )
 
 

@@ -39,8 +39,8 @@ from generators.base import text_problem
 from generators.registry import ModelRegistry
 from storage.database import open_database
 from storage.ids import is_snowflake
-from storage.jobs import NewJob, SqliteJobStore
-from storage.schedules import NewSchedule, SqliteScheduleStore
+from storage.jobs import NewJob, SqlJobStore
+from storage.schedules import NewSchedule, SqlScheduleStore
 from tests.fakediscord import FakeDiscord
 from tests.handlers import C1, G
 from tests.scripted import ScriptedGenerator
@@ -75,8 +75,8 @@ def one_error_line(err: str, ignore: tuple[str, ...] = ()) -> str:
 def seed(db: Path) -> None:
     """A database with a job and a schedule in it, as after some use."""
     database = open_database(db)
-    SqliteJobStore(database).create_job(NewJob(kind="text", model="", prompt="hello", requester="cli:test"))
-    SqliteScheduleStore(database).create(NewSchedule(
+    SqlJobStore(database).create_job(NewJob(kind="text", model="", prompt="hello", requester="cli:test"))
+    SqlScheduleStore(database).create(NewSchedule(
         guild=None, channel="123", kind="text", model=None, prompt="hi", spec="hourly", cron="0 * * * *",
         timezone="UTC", created_by="cli:test"), next_run_at=None)
     database.close()

@@ -41,7 +41,7 @@ from bot.settings import Settings, load_settings
 from jobs.finetune import TRAINING_PRIORITY, NightlyTrainer, TrainingBusy
 from storage.community import CommunityError, CommunityStore, NewFile, NewItem
 from storage.database import AsyncDatabase, open_database
-from storage.jobs import JobRecord, NewJob, SqliteJobStore
+from storage.jobs import JobRecord, NewJob, SqlJobStore
 from storage.privacy import PrivacyStore
 
 GUILD = "1000"
@@ -408,7 +408,7 @@ class Responder:
 class FakeQueue:
     """Records training jobs in the real jobs table (so 'already running' is real), runs nothing."""
 
-    def __init__(self, jobs: SqliteJobStore, adb: AsyncDatabase) -> None:
+    def __init__(self, jobs: SqlJobStore, adb: AsyncDatabase) -> None:
         self.jobs = jobs
         self.adb = adb
         self.submitted: list[NewJob] = []
@@ -441,7 +441,7 @@ async def services(db_path: Path, tmp_path: Path, adb: AsyncDatabase) -> AsyncIt
     db = await adb.run(open_database, db_path)
     clock = Clock()
     community = CommunityStore(db, tmp_path / "files", clock)
-    queue = FakeQueue(SqliteJobStore(db, clock), adb)
+    queue = FakeQueue(SqlJobStore(db, clock), adb)
     changes: list[tuple[str, str, int | None]] = []
     trainer = NightlyTrainer(community, queue, db=adb, clock=clock, min_items={"text": 1},
                              on_serving_changed=lambda g, m, v: changes.append((g, m, v.id if v else None)))

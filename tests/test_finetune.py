@@ -47,7 +47,7 @@ from jobs.finetune import (
 )
 from storage.community import CommunityStore, NewFile, NewItem
 from storage.database import AsyncDatabase, open_database
-from storage.jobs import SqliteJobStore
+from storage.jobs import SqlJobStore
 from tests.conftest import MODEL_CACHE
 from tests.tiny_text import random_lora_adapter
 
@@ -243,7 +243,7 @@ async def lane(tmp_path: Path, tiny: tuple[Any, Any]) -> AsyncIterator[dict[str,
     adapters = GuildAdapters()
     runner = _runner(store, tmp_path, tiny, adapters, db=LoopDb(adb, asyncio.get_running_loop()))
     registry = ModelRegistry({"training": lambda name: TrainingGenerator(runner)}, {"training": TRAINING_MODEL}, 2**30)
-    queue = GenerationQueue(SqliteJobStore(db), registry, QueueConfig(artifacts_dir=tmp_path / "artifacts"), db=adb)
+    queue = GenerationQueue(SqlJobStore(db), registry, QueueConfig(artifacts_dir=tmp_path / "artifacts"), db=adb)
     await queue.start()
     trainer = NightlyTrainer(store, queue, db=adb, on_serving_changed=adapter_updater(adapters))
     yield {"adb": adb, "store": store, "queue": queue, "trainer": trainer, "adapters": adapters, "runner": runner}

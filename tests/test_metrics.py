@@ -29,7 +29,7 @@ from generators.metrics import QueueMetrics
 from generators.queue import GenerationQueue, QueueConfig
 from generators.registry import ModelRegistry
 from storage.database import open_database
-from storage.jobs import NewJob, SqliteJobStore
+from storage.jobs import NewJob, SqlJobStore
 from tests.discord_bots import chat_answer, make_bot  # noqa: F401  (make_bot is a fixture)
 from tests.fakediscord import FakeDiscord, running_client
 from tests.scripted import ScriptedGenerator
@@ -52,7 +52,7 @@ async def queue_and_registry(tmp_path: Path) -> AsyncIterator[tuple[GenerationQu
                                                                     FailingOnRequest]]:
     text = FailingOnRequest(steps=3)
     registry = ModelRegistry({"text": lambda _n: text}, {"text": "tiny"}, budget_bytes=10**9)
-    queue = GenerationQueue(SqliteJobStore(open_database(tmp_path / "db.sqlite3")), registry,
+    queue = GenerationQueue(SqlJobStore(open_database(tmp_path / "db.sqlite3")), registry,
                             QueueConfig(artifacts_dir=tmp_path / "artifacts", lanes=("text",), batch_window_s=0))
     metrics = CollectorRegistry()
     stop = QueueMetrics(metrics, queue).attach()

@@ -17,7 +17,7 @@ from generators.base import GeneratorError, Request, Result
 from generators.queue import GenerationQueue, JobEvent, QueueConfig
 from generators.registry import ModelRegistry
 from storage.database import open_database
-from storage.jobs import JobLimits, LimitReached, NewJob, QuotaExceeded, SqliteJobStore
+from storage.jobs import JobLimits, LimitReached, NewJob, QuotaExceeded, SqlJobStore
 from tests.scripted import ScriptedGenerator
 
 MakeQueue = Callable[..., Any]
@@ -28,7 +28,7 @@ async def make_queue(tmp_path: Path) -> AsyncIterator[MakeQueue]:
     queues: list[GenerationQueue] = []
 
     async def make(generators: dict[str, ScriptedGenerator], **config: Any) -> GenerationQueue:
-        store = SqliteJobStore(open_database(tmp_path / "db.sqlite3"))
+        store = SqlJobStore(open_database(tmp_path / "db.sqlite3"))
         registry = ModelRegistry({k: (lambda _n, g=g: g) for k, g in generators.items()},
                                  {k: "m" for k in generators}, budget_bytes=10**9)
         config.setdefault("artifacts_dir", tmp_path / "artifacts")

@@ -14,7 +14,7 @@ from generators.queue import GenerationQueue, QueueConfig
 from generators.registry import ModelRegistry
 from generators.text import TextGenerator
 from storage.database import open_database
-from storage.jobs import NewJob, SqliteJobStore
+from storage.jobs import NewJob, SqlJobStore
 from tests.scripted import ScriptedGenerator
 from tests.tiny_text import build_tiny_chat_model
 
@@ -187,7 +187,7 @@ def test_a_load_out_of_gpu_memory_twice_is_a_clear_error(tiny_models: dict[str, 
 
 # --- out of GPU memory in a generation, through the real queue -------------------------------------
 async def _queue(tmp_path: Path, registry: ModelRegistry) -> GenerationQueue:
-    store = SqliteJobStore(open_database(tmp_path / "db.sqlite3"))
+    store = SqlJobStore(open_database(tmp_path / "db.sqlite3"))
     queue = GenerationQueue(store, registry, QueueConfig(artifacts_dir=tmp_path / "artifacts", batch_window_s=0))
     await queue.start()
     return queue

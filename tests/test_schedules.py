@@ -35,9 +35,9 @@ from jobs.scheduled_posts import (
 )
 from storage.database import AsyncDatabase, open_database
 from storage.guild_config import ConfigStore
-from storage.jobs import NewJob, SqliteJobStore
+from storage.jobs import NewJob, SqlJobStore
 from storage.safety import SafetyStore
-from storage.schedules import SqliteScheduleStore
+from storage.schedules import SqlScheduleStore
 from tests.scripted import ScriptedGenerator
 
 TEN_MIN = timedelta(minutes=10)
@@ -147,7 +147,7 @@ class Env:
         options: dict[str, Any] = {"clock": self.clock, "modlog": self.modlog, "sleep": sleep,
                                    "names": lambda guild, channel: (f"Server {guild}", f"chan-{channel}")}
         options.update(kw)
-        poster = ScheduledPoster(SqliteScheduleStore(open_database(self.target), self.clock),
+        poster = ScheduledPoster(SqlScheduleStore(open_database(self.target), self.clock),
                                  self.queue, self.poster, **options)
         self.made.append(poster)
         return poster
@@ -163,7 +163,7 @@ async def env(tmp_path: Path, db_target: Path | str) -> AsyncIterator[Env]:
     registry = ModelRegistry({"text": lambda _n: text, "image": lambda _n: image}, {"text": "m", "image": "m"},
                              budget_bytes=10**9)
     adb = AsyncDatabase()
-    queue = GenerationQueue(SqliteJobStore(open_database(db_target)), registry,
+    queue = GenerationQueue(SqlJobStore(open_database(db_target)), registry,
                             QueueConfig(artifacts_dir=tmp_path / "artifacts"), db=adb)
     await queue.start()
     environment = Env(tmp_path, db_target, Clock("2025-03-01 00:30"), queue, text, image, adb=adb)
@@ -339,7 +339,7 @@ async def test_a_due_cron_job_fires_through_apscheduler(env: Env) -> None:
     await live.start()
     new = await live.add(_req(when="hourly"))
     # Make the slot due now in the table, then let the scheduler's own job pick it up.
-    store = SqliteScheduleStore(open_database(env.target))
+    store = SqlScheduleStore(open_database(env.target))
     assert store.claim_slot(new.id, new.next_run_at or 0, time.time() - 1)
     await live._reconcile()
     async with asyncio.timeout(5):

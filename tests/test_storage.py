@@ -15,7 +15,7 @@ from storage.jobs import (
     LimitReached,
     NewJob,
     QuotaExceeded,
-    SqliteJobStore,
+    SqlJobStore,
     UsageTotal,
     format_duration,
 )
@@ -51,7 +51,7 @@ def test_unwritable_database_path_is_a_clear_error(tmp_path: Path) -> None:
 
 
 def test_job_lifecycle_with_artifacts_and_usage(db_target: Path | str) -> None:
-    store = SqliteJobStore(open_database(db_target))
+    store = SqlJobStore(open_database(db_target))
     record = store.create_job(_job(params={"seed": 1}, guild="g1"))
     assert record.status == "queued" and record.params == {"seed": 1}
     assert store.claim([record.id], "w") == [record.id]
@@ -69,7 +69,7 @@ def test_job_lifecycle_with_artifacts_and_usage(db_target: Path | str) -> None:
 
 
 def test_finish_is_one_transaction(db_target: Path | str) -> None:
-    store = SqliteJobStore(open_database(db_target))
+    store = SqlJobStore(open_database(db_target))
     record = store.create_job(_job())
     store.claim([record.id], "w")
     bad = Artifact(path="/x", mime="a/b", size=1, sha256=None)  # type: ignore[arg-type]  # NOT NULL
@@ -80,7 +80,7 @@ def test_finish_is_one_transaction(db_target: Path | str) -> None:
 
 
 def test_quota_is_enforced_atomically(db_target: Path | str) -> None:
-    store = SqliteJobStore(open_database(db_target))
+    store = SqlJobStore(open_database(db_target))
     for _ in range(2):
         store.create_job(_job(), max_pending=2)
     with pytest.raises(QuotaExceeded, match="limit 2"):
@@ -91,7 +91,7 @@ def test_quota_is_enforced_atomically(db_target: Path | str) -> None:
 
 
 def test_cancel_queued_and_flag_running(db_target: Path | str) -> None:
-    store = SqliteJobStore(open_database(db_target))
+    store = SqlJobStore(open_database(db_target))
     a, b = store.create_job(_job()), store.create_job(_job())
     store.claim([b.id], "w")
     assert store.cancel(a.id) == "cancelled"
@@ -101,7 +101,7 @@ def test_cancel_queued_and_flag_running(db_target: Path | str) -> None:
 
 
 def test_recover_requeues_dead_workers_and_gives_up_after_max_attempts(db_target: Path | str) -> None:
-    store = SqliteJobStore(open_database(db_target))
+    store = SqlJobStore(open_database(db_target))
     a, b, c = (store.create_job(_job()) for _ in range(3))
     store.claim([a.id, b.id], "dead")
     store.claim([c.id], "alive")
@@ -131,16 +131,16 @@ class Clock:
         return self.now
 
 
-def _limited(db_target: Path | str) -> tuple[SqliteJobStore, Clock]:
+def _limited(db_target: Path | str) -> tuple[SqlJobStore, Clock]:
     clock = Clock()
-    return SqliteJobStore(open_database(db_target), clock), clock
+    return SqlJobStore(open_database(db_target), clock), clock
 
 
 def _kjob(user: str = "u1", guild: str | None = "g1", kind: str = "text") -> NewJob:
     return NewJob(kind=kind, model="m", prompt="hi", requester=user, guild=guild)
 
 
-def _count(store: SqliteJobStore) -> int:
+def _count(store: SqlJobStore) -> int:
     return int(store.db.execute("SELECT count(*) FROM jobs").fetchone()[0])
 
 
@@ -260,7 +260,7 @@ def test_limit_lookups_use_the_requester_kind_created_index(tmp_path: Path) -> N
         assert "jobs_requester_kind_created" in plan, plan
 
 
-def _finished(store: SqliteJobStore, clock: Clock, user: str, guild: str | None, kind: str = "text",
+def _finished(store: SqlJobStore, clock: Clock, user: str, guild: str | None, kind: str = "text",
               tokens: int = 0) -> None:
     record = store.create_job(_kjob(user, guild, kind))
     store.claim([record.id], "w")

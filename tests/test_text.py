@@ -18,7 +18,7 @@ from generators.queue import GenerationQueue, QueueConfig
 from generators.registry import ModelRegistry
 from generators.text import TextGenerator
 from storage.database import open_database
-from storage.jobs import NewJob, SqliteJobStore
+from storage.jobs import NewJob, SqlJobStore
 from tests.tiny_text import random_lora_adapter
 
 
@@ -120,7 +120,7 @@ class CountingTextGenerator(AdapterTextGenerator):
 @contextlib.asynccontextmanager
 async def text_queue(tmp_path: Path, generator: TextGenerator) -> AsyncIterator[GenerationQueue]:
     registry = ModelRegistry({"text": lambda _name: generator}, {"text": "tiny"}, budget_bytes=2**30)
-    store = SqliteJobStore(open_database(tmp_path / "db.sqlite3"))
+    store = SqlJobStore(open_database(tmp_path / "db.sqlite3"))
     queue = GenerationQueue(store, registry, QueueConfig(artifacts_dir=tmp_path / "a"))
     await queue.start()
     try:

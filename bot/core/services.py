@@ -44,11 +44,11 @@ from storage.community import CommunityStore
 from storage.conversations import ConversationStore
 from storage.database import AsyncDatabase, Database, open_database
 from storage.guild_config import ConfigStore
-from storage.jobs import SqliteJobStore
+from storage.jobs import SqlJobStore
 from storage.personas import PersonaStore
 from storage.privacy import PrivacyStore
 from storage.safety import SafetyStore
-from storage.schedules import SqliteScheduleStore
+from storage.schedules import SqlScheduleStore
 
 if TYPE_CHECKING:
     from generators.lora import GuildAdapters
@@ -188,8 +188,8 @@ class Services:
         return AsyncDatabase()
 
     @cached_property
-    def store(self) -> SqliteJobStore:
-        return SqliteJobStore(self.db)
+    def store(self) -> SqlJobStore:
+        return SqlJobStore(self.db)
 
     @cached_property
     def state(self) -> StateStore:
@@ -330,7 +330,7 @@ class Services:
         # keep a console's /schedule run waiting minutes for the same error.
         local = {"retries": 0} if isinstance(self.target, LocalTarget) else {}
         return ScheduledPoster(
-            SqliteScheduleStore(self.db), self.queue, self.target, db=self.adb, modlog=self.modlog,
+            SqlScheduleStore(self.db), self.queue, self.target, db=self.adb, modlog=self.modlog,
             channel_exists=self.target.can_post, names=self.target.names, timezone_for=self._zone,
             quote_provider=self._community_quote, check_text=self.moderation.guard_scheduled_text,
             check_image=self.moderation.guard_scheduled_image,
