@@ -58,6 +58,26 @@ class Settings(BaseSettings):
                     " for several bot processes and for workers on other hosts (`aigcbot worker`).",
     )
 
+    # --- past one process (with AIGC_DATABASE_URL) ---------------------------------------------
+    local_lanes: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias=_env("AIGC_LOCAL_LANES"),
+        description="With AIGC_DATABASE_URL, the lanes this bot process runs itself (e.g. text); the others"
+                    " run on workers (`aigcbot worker --lanes image,audio`). Default: none.",
+    )
+    shared_artifacts_dir: Path | None = Field(
+        None, validation_alias=_env("AIGC_SHARED_ARTIFACTS_DIR"),
+        description="A folder every bot and worker host mounts at this same path: results are written there."
+                    " Unset: results travel in the database (up to AIGC_ARTIFACT_MAX_MB).",
+    )
+    artifact_max_mb: float = Field(
+        25.0, gt=0, validation_alias=_env("AIGC_ARTIFACT_MAX_MB"),
+        description="The largest result file kept in the database when no folder is shared (MB).",
+    )
+    worker_stall_s: float = Field(
+        30.0, ge=1, validation_alias=_env("AIGC_WORKER_STALL_S"),
+        description="A worker silent this long (seconds) is presumed dead: its jobs run again elsewhere.",
+    )
+
     model_cache: Path | None = Field(
         None, validation_alias=_env("AIGC_MODEL_CACHE"),
         description="Folder for converted models (default: AIGC_DATA_DIR/models).",
@@ -275,6 +295,15 @@ class Settings(BaseSettings):
             raise ValueError("expected a URL such as https://discord.com/api/v10")
         return value
 
+    @field_validator("local_lanes", mode="before")
+    @classmethod
+    def _split_lanes(cls, value: object) -> object:
+        if isinstance(value, str):
+            from generators.tasks import parse_lanes  # procrastinate: only when the setting is used
+
+            return list(parse_lanes(value))
+        return value
+
     @field_validator("database_url")
     @classmethod
     def _postgres_url(cls, value: SecretStr | None) -> SecretStr | None:
@@ -378,6 +407,11 @@ def queue_config(settings: Settings, **overrides: Any) -> QueueConfig:
         "max_attempts": settings.max_attempts,
         "artifacts_dir": settings.artifacts_dir,
     }
+    if settings.uses_postgres:
+        # Workers on other hosts: results go to the shared folder, or into the database.
+        options["artifacts_dir"] = settings.shared_artifacts_dir or settings.artifacts_dir
+        options["artifacts_in_database"] = settings.shared_artifacts_dir is None
+        options["artifact_max_bytes"] = int(settings.artifact_max_mb * 2**20)
     return QueueConfig(**{**options, **overrides})
 
 

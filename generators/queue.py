@@ -108,7 +108,7 @@ class JobEvent:
     """What listeners hear about a job."""
 
     job_id: int
-    type: str  # queued | position | started | progress | partial | finished
+    type: str  # queued | position | started | progress | partial | finished (| skipped: see run_job)
     position: int | None = None
     progress: float | None = None
     note: str = ""
@@ -154,6 +154,10 @@ class QueueConfig:
     #: Python keeps the GIL for up to this long each time the loop gives it up (every socket
     #: call); at the default 5 ms a burst of 200 interactions was acknowledged ~15 % later.
     switch_interval_s: float = 0.0005
+    #: Keep each result's bytes in the database too (a worker whose files no bot host can
+    #: read), refusing results larger than ``artifact_max_bytes``.
+    artifacts_in_database: bool = False
+    artifact_max_bytes: int = 25 * 2**20
 
 
 @dataclass
@@ -360,6 +364,30 @@ class GenerationQueue:
         self._publish_positions(self._lanes[record.kind])
         return record
 
+    async def run_job(self, job_id: int) -> JobRecord:
+        """Run a job another process persisted (a worker was handed it): it waits in its lane
+        like a submitted job; returns its record once it ended, or at once if it is not
+        queued (cancelled, or taken by another worker meanwhile)."""
+        if self._stopping or not self._started:
+            raise QueueError("this worker is shutting down")
+        events: asyncio.Queue[JobEvent] = asyncio.Queue()
+        unsubscribe = self.subscribe(job_id, events.put_nowait)
+        try:
+            record = await self.get(job_id)
+            lane = self._lanes.get(record.kind)
+            if lane is None:
+                raise QueueError(f"this worker runs no {record.kind} lane")
+            if record.status != "queued":
+                return record
+            lane.add(record, next(self._seq))
+            self._idle.clear()
+            while True:
+                event = await events.get()
+                if event.type in ("finished", "skipped"):
+                    return event.record or await self.get(job_id)
+        finally:
+            unsubscribe()
+
     # --- watching -------------------------------------------------------------------------
     def subscribe(self, job_id: int, listener: Listener) -> Callable[[], None]:
         """Call ``listener`` on the loop for every event of one job; returns an unsubscribe."""
@@ -496,6 +524,9 @@ class GenerationQueue:
     async def _run_batch(self, lane: _Lane, batch: list[_Waiting]) -> None:
         try:
             claimed = set(await self._db.run(self.store.claim, [w.record.id for w in batch], self.worker_id))
+            for item in batch:
+                if item.record.id not in claimed:  # cancelled, or another worker's, meanwhile
+                    self._emit(JobEvent(item.record.id, "skipped", record=await self.get(item.record.id)))
             batch = [w for w in batch if w.record.id in claimed]
             self._publish_positions(lane)
             if batch:
@@ -661,6 +692,8 @@ class GenerationQueue:
             await self._fail(job_id, "cancelled", status="cancelled")
         elif result is None:
             await self._fail(job_id, error or "generation failed")
+        elif (too_big := self._too_big(result.outputs)) is not None:
+            await self._fail(job_id, too_big)
         else:
             artifacts = await asyncio.to_thread(self._write_outputs, job_id, result.outputs)
             payload = {"text": result.text, "metadata": result.metadata}
@@ -686,8 +719,20 @@ class GenerationQueue:
             partial.write_bytes(output.data)
             partial.replace(path)  # a file is either complete or absent
             artifacts.append(Artifact(path=str(path), mime=output.mime, size=len(output.data),
-                                      sha256=hashlib.sha256(output.data).hexdigest()))
+                                      sha256=hashlib.sha256(output.data).hexdigest(),
+                                      data=output.data if self.config.artifacts_in_database else None))
         return artifacts
+
+    def _too_big(self, outputs: list[Output]) -> str | None:
+        """Why a result can't be kept in the database, or None."""
+        if not self.config.artifacts_in_database:
+            return None
+        size = max((len(output.data) for output in outputs), default=0)
+        cap = self.config.artifact_max_bytes
+        if size <= cap:
+            return None
+        return (f"the result is {size / 2**20:.1f} MB, over the {cap / 2**20:g} MB kept in the database"
+                " (AIGC_ARTIFACT_MAX_MB; a folder shared by the hosts, AIGC_SHARED_ARTIFACTS_DIR, has no such limit)")
 
     def _timeout(self, kind: str) -> float:
         return self.config.lane_timeouts.get(kind, self.config.job_timeout_s)

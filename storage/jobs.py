@@ -18,6 +18,8 @@ from typing import Any, Protocol
 from storage.database import Database, immediate
 
 ACTIVE = ("queued", "running")
+#: Lane rank: a job's priority counts for this many member rounds (see `SqlJobStore._lane_rank`).
+ROUNDS = 10_000
 FINAL = ("succeeded", "failed", "cancelled", "expired")
 
 
@@ -74,10 +76,16 @@ class NewJob:
 
 @dataclass
 class Artifact:
+    """A file a job produced. ``path`` is on the host that wrote it; with ``data`` given to
+    `SqlJobStore.finish`, the bytes are stored too (``stored``), for hosts that share no folder."""
+
     path: str
     mime: str
     size: int
     sha256: str
+    data: bytes | None = field(default=None, compare=False, repr=False)
+    stored: bool = field(default=False, compare=False)
+    id: int | None = field(default=None, compare=False)
 
 
 @dataclass
@@ -103,6 +111,9 @@ class JobRecord:
     error: str | None
     result: dict[str, Any] | None
     artifacts: list[Artifact] = field(default_factory=list)
+    #: Its place in its lane across processes, and the task that runs it on a worker.
+    lane_rank: int = 0
+    task_id: int | None = None
 
     @property
     def final(self) -> bool:
@@ -191,10 +202,10 @@ class SqlJobStore:
             self._check(job.requester, job.guild, job.kind, max_pending, limits, now)
             cursor = self.db.execute(
                 "INSERT INTO jobs (kind, model, source, requester, guild, channel, prompt,"
-                " params, delivery, priority, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                " params, delivery, priority, lane_rank, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                 [job.kind, job.model, job.source, job.requester, job.guild, job.channel,
                  job.prompt, json.dumps(job.params), json.dumps(job.delivery), job.priority,
-                 now],
+                 self._lane_rank(job), now],
             )
             job_id = int(cursor.fetchone()[0])
         return self.get(job_id)
@@ -284,11 +295,14 @@ class SqlJobStore:
                 [now, json.dumps(result), job_id],
             )
             for artifact in artifacts:
-                self.db.execute(
+                artifact_id = self.db.execute(
                     "INSERT INTO artifacts (job_id, path, mime, size, sha256, created_at)"
-                    " VALUES (?,?,?,?,?,?)",
+                    " VALUES (?,?,?,?,?,?) RETURNING id",
                     [job_id, artifact.path, artifact.mime, artifact.size, artifact.sha256, now],
-                )
+                ).fetchone()[0]
+                if artifact.data is not None:
+                    self.db.execute("INSERT INTO artifact_data (artifact_id, data) VALUES (?,?)",
+                                    [artifact_id, artifact.data])
             seconds = now - (row["started_at"] or now)
             self.db.execute(
                 "INSERT INTO usage (requester, guild, day, kind, jobs, tokens, seconds)"
@@ -398,10 +412,17 @@ class SqlJobStore:
     def get(self, job_id: int) -> JobRecord:
         record = self._record(self._row(job_id))
         record.artifacts = [
-            Artifact(path=r["path"], mime=r["mime"], size=r["size"], sha256=r["sha256"])
-            for r in self._dicts("SELECT * FROM artifacts WHERE job_id=? ORDER BY id", [job_id])
+            Artifact(path=r["path"], mime=r["mime"], size=r["size"], sha256=r["sha256"], stored=bool(r["stored"]),
+                     id=r["id"])
+            for r in self._dicts("SELECT a.*, EXISTS (SELECT 1 FROM artifact_data d WHERE d.artifact_id=a.id)"
+                                 " AS stored FROM artifacts a WHERE a.job_id=? ORDER BY a.id", [job_id])
         ]
         return record
+
+    def artifact_data(self, artifact_id: int) -> bytes | None:
+        """The stored bytes of an artifact (None if only its file holds them)."""
+        row = self.db.execute("SELECT data FROM artifact_data WHERE artifact_id=?", [artifact_id]).fetchone()
+        return bytes(row[0]) if row else None
 
     def list_jobs(self, requester: str | None = None, statuses: Iterable[str] | None = None,
              limit: int = 50) -> list[JobRecord]:
@@ -462,6 +483,67 @@ class SqlJobStore:
         ).fetchall()
         return [(str(requester), int(n)) for requester, n in rows]
 
+    # --- lanes across processes (jobs run by workers) ------------------------------------------
+    def _lane_rank(self, job: NewJob) -> int:
+        """Where a new job stands in its lane, higher first: its priority, then its member's
+        round (how many of their jobs of this kind already wait), so that one member's many
+        jobs delay another member's first by at most one job per worker."""
+        waiting = self.db.execute(
+            "SELECT count(*) FROM jobs WHERE requester=? AND kind=? AND status='queued'",
+            [job.requester, job.kind]).fetchone()[0]
+        return job.priority * ROUNDS - min(int(waiting), ROUNDS - 1)
+
+    def set_task(self, job_id: int, task_id: int | None) -> None:
+        """Record the task (procrastinate's job id) that will run this job; None: it needs one."""
+        with immediate(self.db):
+            self.db.execute("UPDATE jobs SET task_id=? WHERE id=?", [task_id, job_id])
+
+    def undispatched(self, older_than: float, limit: int = 100) -> list[JobRecord]:
+        """Queued jobs no task was recorded for since before ``older_than`` (unix time): the
+        process that accepted them stopped before handing them on."""
+        return [self._record(row) for row in self._dicts(
+            "SELECT * FROM jobs WHERE status='queued' AND task_id IS NULL AND created_at < ? ORDER BY id LIMIT ?",
+            [older_than, limit])]
+
+    def position(self, job_id: int) -> int | None:
+        """1-based place of a queued job in its lane across every process; 0 while running."""
+        row = self.db.execute("SELECT kind, status, lane_rank FROM jobs WHERE id=?", [job_id]).fetchone()
+        if row is None or row[1] not in ACTIVE:
+            return None
+        if row[1] == "running":
+            return 0
+        ahead = self.db.execute(
+            "SELECT count(*) FROM jobs WHERE kind=? AND status='queued'"
+            " AND (lane_rank > ? OR (lane_rank = ? AND id < ?))", [row[0], row[2], row[2], job_id]).fetchone()[0]
+        return int(ahead) + 1
+
+    def lane_counts(self) -> dict[str, tuple[int, int]]:
+        """Queued and running jobs per kind, across every process."""
+        counts: dict[str, list[int]] = {}
+        for kind, status, n in self.db.execute(
+                "SELECT kind, status, count(*) FROM jobs WHERE status IN ('queued','running') GROUP BY kind, status"):
+            counts.setdefault(kind, [0, 0])[0 if status == "queued" else 1] = int(n)
+        return {kind: (q, r) for kind, (q, r) in counts.items()}
+
+    def recover_stalled(self, job_id: int, max_attempts: int) -> str:
+        """A job whose worker stopped answering: 'requeued' (it runs again), 'queued' (it
+        never started), 'failed' (out of attempts) or its final status (nothing to do)."""
+        with immediate(self.db):
+            row = self.db.execute("SELECT status, attempts FROM jobs WHERE id=?", [job_id]).fetchone()
+            if row is None:
+                return "missing"
+            status, attempts = row
+            if status != "running":
+                return str(status)
+            if attempts >= max_attempts:
+                self.db.execute(
+                    "UPDATE jobs SET status='failed', finished_at=?, error=? WHERE id=?",
+                    [self.clock(), f"interrupted {attempts} time(s) (its worker stopped mid-job); giving up", job_id])
+                return "failed"
+            self.db.execute("UPDATE jobs SET status='queued', worker=NULL, error='interrupted; queued again'"
+                            " WHERE id=?", [job_id])
+            return "requeued"
+
     # --- helpers --------------------------------------------------------------------------
     def _jobs_since(self, requester: str, guild: str | None, kind: str, since: float) -> int:
         # Failed and cancelled jobs gave the member nothing, so they don't use up the day.
@@ -494,6 +576,7 @@ class SqlJobStore:
             created_at=row["created_at"], started_at=row["started_at"],
             finished_at=row["finished_at"], error=row["error"],
             result=json.loads(row["result"]) if row["result"] else None,
+            lane_rank=row["lane_rank"], task_id=row["task_id"],
         )
 
 

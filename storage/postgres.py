@@ -26,6 +26,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import psycopg
+from procrastinate.schema import SchemaManager
 from psycopg.adapt import Loader
 from psycopg_pool import ConnectionPool, PoolTimeout
 
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 WRITE_LOCK = 0x61696763
 #: The advisory lock key migrations take, so two processes starting at once migrate once.
 MIGRATION_LOCK = WRITE_LOCK + 1
+#: The migration row that records procrastinate's schema (its version's, at first start).
+PROCRASTINATE_SCHEMA = "procrastinate-schema"
 
 
 class PostgresError(Exception):
@@ -183,13 +186,20 @@ class PostgresDatabase:
                     conn.execute(schema_sql(statement))
                 conn.execute("INSERT INTO aigcbot_migrations (name) VALUES (%s)", [migration.name])
                 applied.append(migration.name)
+            # The tables of procrastinate, which hands jobs to workers (generators/workers.py).
+            if conn.execute("SELECT to_regclass('procrastinate_jobs')").fetchone()[0] is None:
+                conn.execute(SchemaManager.get_schema())
+                conn.execute("INSERT INTO aigcbot_migrations (name) VALUES (%s) ON CONFLICT DO NOTHING",
+                             [PROCRASTINATE_SCHEMA])
+                applied.append(PROCRASTINATE_SCHEMA)
         if applied:
             log.info("PostgreSQL %s: applied migrations %s", self.where, ", ".join(applied))
         return applied
 
     def migrations(self) -> list[str]:
-        """The migrations this database has had, in the order they were applied."""
-        return [row[0] for row in self.execute("SELECT name FROM aigcbot_migrations ORDER BY applied_at, name")]
+        """The schema's migrations this database has had, in the order they were applied."""
+        return [row[0] for row in self.execute("SELECT name FROM aigcbot_migrations WHERE name <> ?"
+                                               " ORDER BY applied_at, name", [PROCRASTINATE_SCHEMA])]
 
     @staticmethod
     def _run(conn: psycopg.Connection, sql: str, args: list[Any]) -> Rows:

@@ -278,6 +278,19 @@ SCHEMA: tuple[Migration, ...] = (
         )
         """,
     )),
+    # The workers that run jobs (`aigcbot worker`), as each reports itself: which lanes have one.
+    Migration("0009_workers", (
+        """
+        CREATE TABLE workers (
+            id TEXT PRIMARY KEY,             -- host:pid:token
+            host TEXT NOT NULL,
+            pid INTEGER NOT NULL,
+            lanes TEXT NOT NULL,             -- comma-separated: text,image
+            started_at REAL NOT NULL,
+            heartbeat_at REAL NOT NULL
+        )
+        """,
+    )),
 )
 
 

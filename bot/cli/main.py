@@ -33,6 +33,7 @@ from bot.cli.args import (
 from bot.cli.doctor import add_doctor_parser, cmd_doctor
 from bot.cli.schedule import add_schedule_parser, cmd_schedule
 from bot.cli.train import add_train_parser, cmd_train
+from bot.cli.worker import add_worker_parser, cmd_worker
 from bot.core.invocation import local_user
 from bot.core.monitoring import MonitoringError, app_version
 from bot.settings import Settings, SettingsError, load_settings
@@ -108,6 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_schedule_parser(sub)
     add_train_parser(sub)
     add_doctor_parser(sub)
+    add_worker_parser(sub)
     return parser
 
 
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         from bot.cli.logs import configure_logging
 
         token = settings.discord_token.get_secret_value() if settings.discord_token else ""
-        quiet = args.command != "run"
+        quiet = args.command not in ("run", "worker")
         process = _process_name(args, settings)
         configure_logging("WARNING" if quiet else settings.log_level, secrets=[token], style=settings.log_format,
                           process=process)
@@ -289,6 +291,7 @@ COMMANDS: dict[str, Callable[[Settings, argparse.Namespace], int]] = {
     "schedule": cmd_schedule,
     "train": cmd_train,
     "doctor": cmd_doctor,
+    "worker": cmd_worker,
 }
 
 if __name__ == "__main__":

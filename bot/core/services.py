@@ -52,6 +52,7 @@ from storage.schedules import SqlScheduleStore
 
 if TYPE_CHECKING:
     from generators.lora import GuildAdapters
+    from generators.workers import JobWorker
     from jobs.finetune import FinetuneRunner, NightlyTrainer
 
 log = logging.getLogger(__name__)
@@ -177,6 +178,7 @@ class Services:
         self._monitoring: MonitoringServer | None = None
         self._instruments: dict[Callable[[CollectorRegistry], Any], Any] = {}
         self._unobserve: Callable[[], None] | None = None
+        self._local_worker: asyncio.Task[None] | None = None
 
     # --- storage -------------------------------------------------------------------------
     @cached_property
@@ -275,8 +277,24 @@ class Services:
 
     @cached_property
     def queue(self) -> GenerationQueue:
-        return GenerationQueue(self.store, self.registry, queue_config(self.settings, **self._queue_options),
-                               db=self.adb)
+        config = queue_config(self.settings, **self._queue_options)
+        if self.settings.uses_postgres:
+            # Jobs run on workers (`aigcbot worker`, or this process's AIGC_LOCAL_LANES).
+            from generators.dispatch import DispatchQueue
+
+            return DispatchQueue(self.store, self.registry, self.settings.store_target, config,  # type: ignore[arg-type]
+                                 db=self.adb, worker_stall_s=self.settings.worker_stall_s)
+        return GenerationQueue(self.store, self.registry, config, db=self.adb)
+
+    def worker(self, lanes: Iterable[str], concurrency: int = 1) -> JobWorker:
+        """A worker for these lanes on the PostgreSQL store (`aigcbot worker`, AIGC_LOCAL_LANES):
+        a queue of its own, with this process's models."""
+        from generators.workers import JobWorker, WorkerConfig
+
+        lanes = tuple(lanes)
+        queue = GenerationQueue(self.store, self.registry, queue_config(self.settings, lanes=lanes), db=self.adb)
+        config = WorkerConfig(lanes, concurrency=concurrency, stall_s=self.settings.worker_stall_s)
+        return JobWorker(self.settings.store_target, self.db, self.store, queue, self.adb, config)  # type: ignore[arg-type]
 
     @cached_property
     def adapters(self) -> GuildAdapters:
@@ -352,6 +370,10 @@ class Services:
             self._started = True
             self._unobserve = self.queue_metrics.attach()  # before the backlog's jobs start
             await self.queue.start(recover=recover, load_backlog=load_backlog)
+            if self.settings.uses_postgres and self.settings.local_lanes:
+                worker = self.worker(self.settings.local_lanes)
+                self._local_worker = asyncio.create_task(worker.run(), name="local-worker")
+                await worker.ready.wait()
 
     async def start_background(self) -> None:
         """Community capture, scheduled posts, nightly training and retention, for a front end
@@ -387,6 +409,10 @@ class Services:
         await self.stop_background()
         if "schedules" in built:
             await self.schedules.stop()
+        if self._local_worker is not None:
+            self._local_worker.cancel()  # a graceful stop: its running jobs go back to the queue
+            await asyncio.gather(self._local_worker, return_exceptions=True)
+            self._local_worker = None
         if "queue" in built:
             await self.queue.stop()
         if "adb" in built:
