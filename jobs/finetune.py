@@ -15,10 +15,15 @@ How a run goes, and why it is built this way:
   with the reason and leaves no folder; what served before keeps serving.
 - The schedule: one APScheduler 3 cron job per server with opted-in channels, at 03:00
   (``at``) in the server's time zone (``timezone_for``). The table is the truth: jobs are
-  rebuilt from SQLite at start, and a slot counts as done when a training job for that
+  rebuilt from the database at start, and a slot counts as done when a training job for that
   server was submitted at or after it. So a restart neither loses nor repeats a night, and
   a night missed while the bot was down is caught up at start (within ``grace_s``).
   Time comes from an injected ``clock``: ``run_due(now)`` is what the cron job calls.
+- Several bot processes on one database each run this schedule. A process submits a night's
+  run only after claiming ``training:<guild>:<modality>:<slot UTC>`` in the store's slot
+  claims (`storage.app_state`); the first claim wins in any process, so a night trains once.
+  A submission refused (a run already queued or running, say) gives the claim back, so a
+  later sync that night may try again, as it did before.
 
 Storage is used from the event loop through the ``AsyncDatabase``; the runner, on the lane
 thread, reaches the same thread through ``LoopDb``.
@@ -49,6 +54,7 @@ from generators.finetune_image import ImageTuneConfig, finetune_image
 from generators.finetune_text import TextTuneConfig, finetune_text, held_out_split
 from generators.lora import GuildAdapters
 from jobs.live_scheduler import LiveScheduler
+from storage.app_state import StateStore, slot_key, this_process
 from storage.community import CommunityStore, Snapshot, Version
 from storage.database import AsyncDatabase
 from storage.jobs import JobRecord, NewJob
@@ -314,6 +320,8 @@ class NightlyTrainer(LiveScheduler):
 
     Without ``start()`` it only submits and rolls back (the CLI); ``start()`` adds the
     APScheduler jobs. Give it the queue's ``AsyncDatabase`` so SQLite stays on one thread.
+    Nightly slots are claimed in ``claims`` (by default the community store's database) under
+    ``claimant`` (default: this host and process id).
     """
 
     def __init__(self, store: CommunityStore, queue: Submitter | None, *, db: AsyncDatabase,
@@ -326,7 +334,9 @@ class NightlyTrainer(LiveScheduler):
                  priority: int = TRAINING_PRIORITY,
                  max_seconds: float | None = None,
                  min_items: dict[str, int] | None = None,
-                 on_serving_changed: ServingChanged | None = None) -> None:
+                 on_serving_changed: ServingChanged | None = None,
+                 claims: StateStore | None = None,
+                 claimant: str | None = None) -> None:
         self.store = store
         self.queue = queue
         self.db = db
@@ -343,7 +353,11 @@ class NightlyTrainer(LiveScheduler):
         self.on_serving_changed = on_serving_changed
         self._scheduler: AsyncIOScheduler | None = None
         self._zones: dict[str, str] = {}
-        self._lock = asyncio.Lock()  # one claimer of slots at a time in this process
+        self.claims = claims if claims is not None else StateStore(store.db)
+        self.claimant = claimant or this_process()
+        # "Is one queued or running?" then submit, as one step in this process (a moderator's
+        # retrain and the nightly run); which process runs a night is decided by the slot claim.
+        self._lock = asyncio.Lock()
 
     # --- on demand ------------------------------------------------------------------------
     async def submit(self, guild: str, modality: str, *, requester: str, source: str,
@@ -405,19 +419,29 @@ class NightlyTrainer(LiveScheduler):
             if slot is None or (moment - slot).total_seconds() > self.grace_s:
                 continue
             for modality in self.modalities:
-                async with self._lock:  # check and submit as one step: a slot is claimed once
-                    last = await self.db.run(self.store.last_training_at, guild, modality)
-                    if last is not None and last >= slot.timestamp():
-                        continue  # this night's run was submitted already
-                    entry = Due(guild, modality, slot)
-                    entry.note = await self._not_worth_it(guild, modality)
-                    if not entry.note:
-                        try:
+                last = await self.db.run(self.store.last_training_at, guild, modality)
+                if last is not None and last >= slot.timestamp():
+                    continue  # this night's run was submitted already (here, elsewhere, or by hand)
+                entry = Due(guild, modality, slot)
+                entry.note = await self._not_worth_it(guild, modality)
+                if not entry.note:
+                    # Claimed only when about to submit: a night skipped for too little data is
+                    # tried again by a later sync, once moderators approve more.
+                    key = slot_key("training", guild, modality, slot=slot)
+                    if not await self.db.run(self.claims.claim_slot, key, self.claimant):
+                        log.debug("nightly %s training for guild %s at %s: claimed by another process",
+                                  modality, guild, key)
+                        continue
+                    try:
+                        async with self._lock:
                             entry.record = await self._submit(guild, modality, f"nightly:{guild}", "schedule", None)
-                        except GeneratorError as exc:  # TrainingBusy included
-                            entry.note = str(exc)
-                    if entry.note:
-                        log.info("nightly %s training for guild %s skipped: %s", modality, guild, entry.note)
+                    except GeneratorError as exc:  # TrainingBusy included
+                        entry.note = str(exc)
+                    finally:
+                        if entry.record is None:  # nothing submitted: a later sync may claim it again
+                            await self.db.run(self.claims.release_slot, key, self.claimant)
+                if entry.note:
+                    log.info("nightly %s training for guild %s skipped: %s", modality, guild, entry.note)
                 due.append(entry)
         return due
 

@@ -5,6 +5,12 @@ How a slot fires, and why it is built this way:
 - The `schedules` table is the truth. ``next_run_at`` says when each schedule fires next; it
   is advanced (compare-and-set) *before* posting, so a slot fires at most once, and a
   restart rebuilds the scheduler from it with the same next run.
+- Several bot processes on one database each run this scheduler. Besides the compare-and-set,
+  a process claims the slot itself (``schedule:<id>:<slot UTC minute>`` in the store's slot
+  claims, `storage.app_state`) before it submits anything: the slot's time, not the stored
+  ``next_run_at``, is what is spent, so a slot fires once even when ``next_run_at`` is
+  rewritten meanwhile (a resume in a process whose clock is behind). A process that loses
+  the claim leaves the slot alone; retries of a slot stay with its claimant.
 - ``run_due(now)`` does the work for every slot due at ``now``: it is driven by an injected
   clock, so a test can say "the bot was down from 01:00 to 04:00" without waiting. In the
   running bot an APScheduler 3 ``AsyncIOScheduler`` calls it: one cron job per schedule
@@ -54,6 +60,7 @@ from jobs.schedule_spec import (
     template_values,
     template_variables,
 )
+from storage.app_state import StateStore, slot_key, this_process
 from storage.database import AsyncDatabase
 from storage.ids import is_snowflake
 from storage.jobs import JobRecord, NewJob, QuotaExceeded
@@ -251,6 +258,8 @@ class ScheduledPoster(LiveScheduler):
     Without ``start()`` it only manages the table (the CLI's add/list/remove …); ``start()``
     adds the APScheduler jobs, and ``stop()`` must come before the queue's own stop.
     Give it the queue's ``AsyncDatabase`` (``db``) so all SQLite calls share one thread.
+    Each slot is claimed in ``claims`` (by default the schedules' own database) under
+    ``claimant`` (default: this host and process id) before it fires.
     """
 
     def __init__(self, store: SqlScheduleStore, queue: GenerationQueue | None, poster: Poster, *,
@@ -272,8 +281,13 @@ class ScheduledPoster(LiveScheduler):
                  priority: int = SCHEDULE_PRIORITY,
                  check_text: TextCheck | None = None,
                  check_image: ImageCheck | None = None,
-                 db: AsyncDatabase | None = None) -> None:
+                 db: AsyncDatabase | None = None,
+                 claims: StateStore | None = None,
+                 claimant: str | None = None) -> None:
         self.store = store
+        # Slot claims live in the same database as the schedules (one connection, one thread).
+        self.claims = claims if claims is not None else StateStore(store.db)
+        self.claimant = claimant or this_process()
         self.queue = queue
         self.poster = poster
         self.clock = clock
@@ -387,10 +401,21 @@ class ScheduledPoster(LiveScheduler):
                 else:
                     slot, action = due, "missed"
                 upcoming = next_fire(trigger, now_dt)
+                # First move next_run_at on (so no process sees this slot due again), then claim the
+                # slot itself: a claim taken before a lost compare-and-set would fire nowhere.
                 if await self._db.run(self.store.claim_slot, schedule.id, schedule.next_run_at,
-                                      upcoming.timestamp() if upcoming else None):
+                                      upcoming.timestamp() if upcoming else None) \
+                        and await self._claim(schedule, slot):
                     claims.append((schedule, action, slot))
         return claims
+
+    async def _claim(self, schedule: Schedule, slot: datetime) -> bool:
+        """Claim the slot across processes (a missed or skipped one too, so its note goes once)."""
+        key = slot_key("schedule", schedule.id, slot=slot)
+        if await self._db.run(self.claims.claim_slot, key, self.claimant):
+            return True
+        log.debug("schedule %d: slot %s was claimed by another process; not firing it here", schedule.id, key)
+        return False
 
     async def _settle(self, claim: tuple[Schedule, str, datetime]) -> Firing:
         schedule, action, slot = claim

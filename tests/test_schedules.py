@@ -33,6 +33,7 @@ from jobs.scheduled_posts import (
     ScheduledPoster,
     ScheduleRequest,
 )
+from storage.app_state import StateStore
 from storage.database import AsyncDatabase, open_database
 from storage.guild_config import ConfigStore
 from storage.jobs import NewJob, SqlJobStore
@@ -515,6 +516,82 @@ async def test_poster_mod_log_posts_to_the_servers_channel_or_logs(caplog: pytes
     await modlog.note("g1", "posting fails")
     assert poster.posts == [("900", "Schedule #1 is paused", [])]
     assert "no channel set" in caplog.text and "posting fails" in caplog.text
+
+
+# --- several bot processes on one database ---------------------------------------------------
+def _jobs_of(env: Env, schedule_id: int) -> int:
+    return int(open_database(env.target).execute(
+        "SELECT count(*) FROM jobs WHERE requester=?", [f"schedule:{schedule_id}"]).fetchone()[0])
+
+
+def _claimant(env: Env, key: str) -> str | None:
+    return StateStore(open_database(env.target)).slot_claimant(key)
+
+
+@pytest.mark.asyncio
+async def test_two_processes_fire_each_slot_once(env: Env) -> None:
+    """Two posters on their own connections (two bot processes) race for every slot."""
+    first, second = env.make(claimant="proc-a"), env.make(claimant="proc-b")
+    added = await first.add(_req(when="hourly"))
+    for hour, posts in (("01", 1), ("02", 2)):
+        env.clock.set(f"2025-03-01 {hour}:00:01")
+        firings = [f for both in await asyncio.gather(first.run_due(), second.run_due()) for f in both]
+        assert [f.status for f in firings] == ["posted"]
+        assert len(env.poster.posts) == posts and _jobs_of(env, added.id) == posts
+        assert _claimant(env, f"schedule:{added.id}:2025-03-01T{hour}:00") in ("proc-a", "proc-b")
+    assert (await second.get(added.id)).next_run_at == ts("2025-03-01 03:00")
+
+
+@pytest.mark.asyncio
+async def test_two_processes_catching_up_after_downtime_post_once(env: Env) -> None:
+    first = env.make(claimant="proc-a")
+    added = await first.add(_req(when="hourly"))  # at 00:30; every process is down from 00:45 …
+    env.clock.set("2025-03-01 04:00:30")  # … and two start at 04:00
+    restarted = [env.make(claimant=f"proc-{n}") for n in range(3)]
+    firings = [f for each in await asyncio.gather(*(p.run_due() for p in restarted)) for f in each]
+    assert [(f.status, f.slot and f.slot.hour) for f in firings] == [("posted", 4)]
+    assert len(env.poster.posts) == 1 and _jobs_of(env, added.id) == 1
+    assert _claimant(env, f"schedule:{added.id}:2025-03-01T04:00") is not None
+    assert _claimant(env, f"schedule:{added.id}:2025-03-01T01:00") is None  # coalesced: never fired
+
+
+@pytest.mark.asyncio
+async def test_a_slot_fired_elsewhere_stays_spent_when_next_run_is_rewound(env: Env) -> None:
+    """A resume in a process whose clock is behind sets next_run_at back to a slot another
+    process already posted: the slot claim, not next_run_at, keeps it from posting twice."""
+    first = env.make(claimant="proc-a")
+    added = await first.add(_req(when="hourly"))
+    env.clock.set("2025-03-01 01:00:05")
+    assert [f.status for f in await first.run_due()] == ["posted"]
+    behind = env.make(clock=lambda: ts("2025-03-01 00:59:50"), claimant="proc-b")
+    await behind.pause(added.id)
+    assert (await behind.resume(added.id)).next_run_at == ts("2025-03-01 01:00")  # rewound
+    assert await behind.run_due(now=ts("2025-03-01 01:00:10")) == []
+    assert len(env.poster.posts) == 1 and _jobs_of(env, added.id) == 1
+    # The loser still moves its bookkeeping on: the next slot is the next one.
+    assert (await behind.get(added.id)).next_run_at == ts("2025-03-01 02:00")
+
+
+@pytest.mark.asyncio
+async def test_retries_of_a_slot_belong_to_its_claimant(env: Env) -> None:
+    retrying, resume = asyncio.Event(), asyncio.Event()
+
+    async def held_sleep(seconds: float) -> None:
+        retrying.set()
+        await resume.wait()
+
+    first = env.make(claimant="proc-a", sleep=held_sleep, retries=2)
+    second = env.make(claimant="proc-b")
+    added = await first.add(_req(when="hourly"))
+    env.poster.fail_with = [RuntimeError("502 Bad Gateway")]
+    env.clock.set("2025-03-01 01:00:01")
+    posting = asyncio.create_task(first.run_due())
+    async with asyncio.timeout(5):
+        await retrying.wait()  # the first post failed; the claimant waits to retry
+    assert await second.run_due() == []  # the other process does not take the slot over
+    resume.set()
+    assert [f.status for f in await posting] == ["posted"]
+    assert len(env.poster.posts) == 1 and _jobs_of(env, added.id) == 1
 
 
 # --- handlers -------------------------------------------------------------------------------
