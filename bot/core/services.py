@@ -286,13 +286,16 @@ class Services:
                                  db=self.adb, worker_stall_s=self.settings.worker_stall_s)
         return GenerationQueue(self.store, self.registry, config, db=self.adb)
 
-    def worker(self, lanes: Iterable[str], concurrency: int = 1) -> JobWorker:
+    def worker(self, lanes: Iterable[str], concurrency: int = 1, *, process: bool = False) -> JobWorker:
         """A worker for these lanes on the PostgreSQL store (`aigcbot worker`, AIGC_LOCAL_LANES):
-        a queue of its own, with this process's models."""
+        a queue of its own, with this process's models. ``process``: the worker is what this
+        process is (`aigcbot worker`), so its queue is the one monitoring observes."""
         from generators.workers import JobWorker, WorkerConfig
 
         lanes = tuple(lanes)
         queue = GenerationQueue(self.store, self.registry, queue_config(self.settings, lanes=lanes), db=self.adb)
+        if process:
+            self.__dict__["queue"] = queue  # the cached property, set before anything reads it
         config = WorkerConfig(lanes, concurrency=concurrency, stall_s=self.settings.worker_stall_s)
         return JobWorker(self.settings.store_target, self.db, self.store, queue, self.adb, config)  # type: ignore[arg-type]
 
