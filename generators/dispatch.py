@@ -58,6 +58,7 @@ class DispatchQueue(GenerationQueue):
         self._warned: set[str] = set()
         self._idle_poll_s = 0.2
         self._ended: dict[int, None] = {}  # insertion-ordered: the oldest is forgotten first
+        self._kinds: dict[int, str] = {}  # the lane of each job known here, while it is active
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self, *, recover: bool = True, load_backlog: bool = True) -> None:
@@ -106,6 +107,7 @@ class DispatchQueue(GenerationQueue):
         if task_id is not None:
             await self._db.run(self.store.set_task, record.id, task_id)
             record.task_id = task_id
+        self._kinds[record.id] = record.kind
         self._emit(JobEvent(record.id, "queued", record=record))
         await self._refresh_positions(record.kind, also=record.id)
         self._warn_if_unserved(record.kind)
@@ -124,6 +126,13 @@ class DispatchQueue(GenerationQueue):
             states.append(LaneState(lane, waiting, running, bool(serving),
                                     max((w.heartbeat_at for w in serving), default=0.0)))
         return states
+
+    def position(self, job_id: int) -> int | None:
+        """A followed job's place as last told; any other job's read from the store (a quick
+        indexed query: PostgreSQL's pool serves any thread)."""
+        if job_id in self._positions:
+            return self._positions[job_id]
+        return self.store.position(job_id)
 
     async def drain(self) -> None:
         """Wait until no job is queued or running anywhere."""
@@ -151,6 +160,7 @@ class DispatchQueue(GenerationQueue):
         if record.id in self._ended:
             return
         self._ended[record.id] = None
+        self._kinds.pop(record.id, None)
         if len(self._ended) > ENDED_MEMORY:
             del self._ended[next(iter(self._ended))]
         super()._finished(record)
@@ -171,6 +181,7 @@ class DispatchQueue(GenerationQueue):
         if not self._global and not self.is_watched(job_id):
             return  # nobody here follows it: no need to read it
         record = await self.get(job_id)
+        self._kinds[job_id] = record.kind
         if kind == "started":
             self._positions[job_id] = 0
             self._emit(JobEvent(job_id, "started", position=0, record=record))
@@ -209,7 +220,8 @@ class DispatchQueue(GenerationQueue):
 
     async def _refresh_positions(self, kind: str, also: int | None = None) -> None:
         """Tell the followers of this lane's queued jobs their new places."""
-        job_ids = [j for j in {*self._listeners, *([also] if also else [])} if self._positions.get(j) != 0]
+        job_ids = [j for j in {*self._listeners, *([also] if also else [])}
+                   if self._positions.get(j) != 0 and self._kinds.get(j, kind) == kind]
         for job_id in job_ids:
             position = await self._db.run(self.store.position, job_id)
             if position is None or position == 0:
