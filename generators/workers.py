@@ -33,7 +33,7 @@ from procrastinate import exceptions as procrastinate_errors
 from procrastinate.job_context import AbortReason
 from procrastinate.jobs import Status
 
-from generators.queue import GenerationQueue, JobEvent, QueueError
+from generators.queue import HEARTBEAT_S, GenerationQueue, JobEvent, QueueError
 from generators.tasks import TASK, defer, make_app, queue_name
 from storage.database import AsyncDatabase
 from storage.events import publish
@@ -222,6 +222,13 @@ class JobWorker:
                     self._outbox.append({"job": job_id, "type": "finished"})
                     self._wakeup.set()
         await manager.prune_stalled_workers(self.config.stall_s)
+        # A running job nobody heartbeats whose task is gone too (its worker's row was pruned,
+        # or the job was left running by a process that stopped in between): run it again.
+        silent_since = time.time() - max(self.config.stall_s, 5 * HEARTBEAT_S)
+        for job_id in await self.adb.run(self.store.stale_running, silent_since):
+            if await self.adb.run(self.store.recover_stalled, job_id, self.queue.config.max_attempts) == "requeued":
+                await self.adb.run(self.store.set_task, job_id, None)  # the hand-on scan defers it
+                log.warning("job %d: running with no heartbeat; it runs again", job_id)
 
     async def _dispatch_orphans(self) -> None:
         for record in await self.adb.run(self.store.undispatched, time.time() - UNDISPATCHED_AFTER_S):

@@ -619,6 +619,12 @@ class SqlJobStore:
             counts.setdefault(kind, [0, 0])[0 if status == "queued" else 1] = int(n)
         return {kind: (q, r) for kind, (q, r) in counts.items()}
 
+    def stale_running(self, heard_before: float, limit: int = 100) -> list[int]:
+        """Running jobs whose worker has not refreshed their heartbeat since ``heard_before``."""
+        return [int(row[0]) for row in self.db.execute(
+            "SELECT id FROM jobs WHERE status='running' AND (heartbeat_at IS NULL OR heartbeat_at < ?)"
+            " ORDER BY id LIMIT ?", [heard_before, limit]).fetchall()]
+
     def recover_stalled(self, job_id: int, max_attempts: int) -> str:
         """A job whose worker stopped answering: 'requeued' (it runs again), 'queued' (it
         never started), 'failed' (out of attempts) or its final status (nothing to do)."""
