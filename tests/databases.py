@@ -14,6 +14,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from generators.queue import LANES
 from storage.database import Database
 from storage.postgres import PostgresDatabase
 
@@ -24,8 +25,11 @@ STORES = ("sqlite", "postgresql")
 
 
 def store_settings(db_target: Path | str) -> dict[str, Any]:
-    """The bot's settings for that store (`load_settings(**store_settings(db_target))`)."""
-    return {"database_url": db_target} if isinstance(db_target, str) else {"database_path": db_target}
+    """The bot's settings for that store (`load_settings(**store_settings(db_target))`). On
+    PostgreSQL the process runs every lane itself (a worker inside it), as one bot would."""
+    if isinstance(db_target, str):
+        return {"database_url": db_target, "local_lanes": ",".join(LANES)}
+    return {"database_path": db_target}
 
 
 def table_names(db: Database) -> list[str]:

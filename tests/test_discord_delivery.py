@@ -63,7 +63,7 @@ class World:
 
     def settings(self, **overrides: Any) -> Settings:
         # On PostgreSQL each process runs its text lane itself (a worker in the process).
-        local = {"local_lanes": "text", "worker_stall_s": 2} if isinstance(self.db_target, str) else {}
+        local = {"worker_stall_s": 2} if isinstance(self.db_target, str) else {}
         return bot_settings(self.fake, self.tmp_path / "data", self.tiny_model_dir, discord=True,
                             **store_settings(self.db_target), **local, **overrides)
 
