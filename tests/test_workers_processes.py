@@ -23,6 +23,11 @@ from tests.cluster import STALL_S, Cluster, slow_diffusion_model
 from tests.fakediscord import FakeDiscord
 
 
+#: How long results claimed by a killed bot may wait for their post: its delivery leases (30 s)
+#: must run out, then a scan (every 10 s) posts them.
+DEAD_CLAIMS_S = 50.0
+
+
 @pytest.fixture(scope="module")
 def slow_model(tmp_path_factory: pytest.TempPathFactory) -> str:
     return slow_diffusion_model(tmp_path_factory.mktemp("slow-diffusion"))
@@ -94,7 +99,8 @@ async def test_the_bot_killed_mid_job_and_restarted_loses_nothing_and_posts_noth
     await cluster.wait_for(some_ended, 30, "a job to end while the bot is down")
     await cluster.bot.start()
     assert any(j["status"] in ("queued", "running") for j in await cluster.jobs())
-    jobs = await cluster.settle(60)
+    # The dead bot's delivery claims must run out (30 s leases) before another process posts.
+    jobs = await cluster.settle(60, post_timeout=DEAD_CLAIMS_S)
     assert len(jobs) == 6
     cluster.assert_exactly_once(jobs)
 
