@@ -38,8 +38,6 @@ START_TIMEOUT_S = 90.0
 #: A worker silent this long has its job run elsewhere (short, so a test waits little).
 STALL_S = 3.0
 WORKER_READY = "serving lanes"
-#: The fake Discord's answer type for a deferral: the bot accepted the job.
-DEFERRED = 5
 
 
 def free_port() -> int:
@@ -184,16 +182,19 @@ class WorkerProcess(Process):
 
 @dataclass
 class Submitted:
-    """One /imagine a member sent, and the bot's HTTP answer."""
+    """One /imagine a member sent: the bot's HTTP answer (a deferral, before any work), then
+    its job once the store has it (`Cluster.wait_accepted`), or its refusal."""
 
     prompt: str
     member: dict[str, Any]
     result: HttpInteractionResult
     sent_at: float  # unix time
+    job_id: int | None = None
+    refusal: str | None = None
 
     @property
     def accepted(self) -> bool:
-        return self.result.json.get("type") == DEFERRED if isinstance(self.result.json, dict) else False
+        return self.job_id is not None
 
 
 class Cluster:
@@ -312,15 +313,31 @@ class Cluster:
                 raise AssertionError(f"timed out after {timeout} s waiting for {what}\n{self.logs()}")
             await asyncio.sleep(0.05)
 
+    async def wait_accepted(self, timeout: float = 20.0) -> None:
+        """Until every /imagine sent has its job in the store, or was refused (a private
+        follow-up): the HTTP answer is a deferral sent before the job is written."""
+
+        async def decided() -> bool:
+            jobs = {j["prompt"]: j["id"] for j in await self.jobs()}
+            for submitted in self.submitted:
+                submitted.job_id = jobs.get(submitted.prompt)
+                followups = self.fake.followups(submitted.result.interaction)
+                if submitted.job_id is None and followups and followups[-1].ephemeral:
+                    submitted.refusal = followups[-1].content
+            return all(s.job_id is not None or s.refusal is not None for s in self.submitted)
+
+        await self.wait_for(decided, timeout, "every /imagine to be accepted or refused")
+
     async def settle(self, timeout: float, post_timeout: float = 10.0) -> list[dict[str, Any]]:
-        """Until every job is final (``timeout``), then until every succeeded one was posted
-        (at most ``post_timeout`` more: `assert_exactly_once` names the ones that were not);
-        the jobs."""
+        """Until every /imagine sent is accepted or refused and every job is final (``timeout``),
+        then until every succeeded one was posted (at most ``post_timeout`` more:
+        `assert_exactly_once` names the ones that were not); the jobs."""
 
         async def final() -> list[dict[str, Any]] | None:
             jobs = await self.jobs()
             return None if any(j["status"] in ("queued", "running") for j in jobs) else jobs
 
+        await self.wait_accepted()
         jobs: list[dict[str, Any]] = await self.wait_for(final, timeout, "every job to end")
         with contextlib.suppress(AssertionError):
             await self.wait_for(lambda: all(self.deliveries()[j["prompt"]] for j in jobs
@@ -329,12 +346,13 @@ class Cluster:
         return jobs
 
     def assert_exactly_once(self, jobs: list[dict[str, Any]]) -> None:
-        """Every accepted /imagine has a job that succeeded and was posted exactly once."""
+        """Every /imagine was accepted, and its job succeeded and was posted exactly once."""
         posted = self.deliveries()
         by_prompt = {j["prompt"]: j for j in jobs}
         problems = []
         for submitted in self.submitted:
             if not submitted.accepted:
+                problems.append(f"{submitted.prompt!r}: refused: {submitted.refusal}")
                 continue
             job = by_prompt.get(submitted.prompt)
             if job is None:

@@ -22,7 +22,6 @@ import pytest_asyncio
 from tests.cluster import STALL_S, Cluster, slow_diffusion_model
 from tests.fakediscord import FakeDiscord
 
-
 #: How long results claimed by a killed bot may wait for their post: its delivery leases (30 s)
 #: must run out, then a scan (every 10 s) posts them.
 DEAD_CLAIMS_S = 50.0
@@ -62,7 +61,8 @@ async def test_members_jobs_on_two_workers_are_each_posted_exactly_once(cluster:
     members = cluster.add_members(4)
     await asyncio.gather(*(cluster.imagine(member, f"portrait {m}-{n}", model="face", count=2)
                            for n in range(3) for m, member in enumerate(members)))
-    assert all(s.accepted for s in cluster.submitted), [s.result.json for s in cluster.submitted]
+    await cluster.wait_accepted()
+    assert all(s.accepted for s in cluster.submitted), [s.refusal for s in cluster.submitted]
     jobs = await cluster.settle(60)
     assert len(jobs) == 12
     cluster.assert_exactly_once(jobs)
@@ -89,6 +89,7 @@ async def test_the_bot_killed_mid_job_and_restarted_loses_nothing_and_posts_noth
     for n in range(2):
         for m, member in enumerate(members):
             await cluster.imagine(member, f"a harbour {m}-{n}", model="diffusion")
+    await cluster.wait_accepted()  # every job written before the bot dies
     await running(cluster, "a harbour 0-0")
     await cluster.bot.kill()
 
