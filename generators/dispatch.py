@@ -16,6 +16,9 @@ the job here, so progress bars, streamed text, Cancel and Regenerate work as in 
 - A lane with queued jobs and no live worker is logged as a warning, naming the lane.
 - Events missed while the NOTIFY connection was down are made up by re-reading the jobs
   followed here.
+- A job accepted here counts as followed here from `submit` on, before its follower
+  subscribes (the caller awaits in between, and a quick job may end on a worker meanwhile):
+  otherwise its end would look like an orphan's and be delivered twice.
 """
 
 from __future__ import annotations
@@ -23,10 +26,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from generators.queue import GenerationQueue, JobEvent, LaneState, QueueConfig, QueueError
+from generators.queue import GenerationQueue, JobEvent, LaneState, Listener, QueueConfig, QueueError
 from generators.registry import ModelRegistry
 from generators.tasks import defer, make_app
 from storage.database import AsyncDatabase
@@ -40,6 +45,8 @@ log = logging.getLogger(__name__)
 LANE_CHECK_S = 30.0
 #: How many ended jobs are remembered, so an end heard twice is told once.
 ENDED_MEMORY = 10_000
+#: A job accepted here counts as followed here this long at most before its follower subscribes.
+FOLLOW_GRACE_S = 30.0
 
 
 class DispatchQueue(GenerationQueue):
@@ -58,6 +65,7 @@ class DispatchQueue(GenerationQueue):
         self._warned: set[str] = set()
         self._idle_poll_s = 0.2
         self._ended: dict[int, None] = {}  # insertion-ordered: the oldest is forgotten first
+        self._accepted: dict[int, float] = {}  # accepted here, follower not subscribed yet: since
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self, *, recover: bool = True, load_backlog: bool = True) -> None:
@@ -100,6 +108,8 @@ class DispatchQueue(GenerationQueue):
         job.model, job.params = await self.check(job.kind, job.model or None, job.prompt, job.params)
         limit = self.config.max_pending_per_user if enforce_quota else None
         record = await self._db.run(self.store.create_job, job, limit, limits)
+        self._forget_stale_accepted()
+        self._accepted[record.id] = time.monotonic()  # before a worker can see it
         # Written before it is handed on: if this process stops in between, a worker's scan
         # hands it on (`generators.workers`); it is never lost.
         task_id = await defer(self.app, record)
@@ -110,6 +120,23 @@ class DispatchQueue(GenerationQueue):
         await self._refresh_positions(record.kind, also=record.id)
         self._warn_if_unserved(record.kind)
         return record
+
+    # --- following ---------------------------------------------------------------------------
+    def subscribe(self, job_id: int, listener: Listener) -> Callable[[], None]:
+        self._accepted.pop(job_id, None)  # its follower has it now
+        return super().subscribe(job_id, listener)
+
+    def is_watched(self, job_id: int) -> bool:
+        accepted = self._accepted.get(job_id)
+        if accepted is not None and time.monotonic() - accepted < FOLLOW_GRACE_S:
+            return True
+        return super().is_watched(job_id)
+
+    def _forget_stale_accepted(self) -> None:
+        """Jobs whose follower never came (its caller failed) stop counting as followed."""
+        now = time.monotonic()
+        for job_id in [j for j, since in self._accepted.items() if now - since >= FOLLOW_GRACE_S]:
+            del self._accepted[job_id]
 
     # --- state ----------------------------------------------------------------------------
     def lane_states(self) -> list[LaneState]:
