@@ -16,9 +16,10 @@ the job here, so progress bars, streamed text, Cancel and Regenerate work as in 
 - A lane with queued jobs and no live worker is logged as a warning, naming the lane.
 - Events missed while the NOTIFY connection was down are made up by re-reading the jobs
   followed here.
-- A job accepted here counts as followed here from `submit` on, before its follower
-  subscribes (the caller awaits in between, and a quick job may end on a worker meanwhile):
-  otherwise its end would look like an orphan's and be delivered twice.
+- A job's end is told once here: a job accepted here counts as followed from `submit` on,
+  before its follower subscribes (the caller awaits in between, and a quick job may end on a
+  worker meanwhile), and an end heard after its follower read it from the store is dropped;
+  either would otherwise look like an orphan's end and be delivered a second time.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -173,14 +174,27 @@ class DispatchQueue(GenerationQueue):
         return status
 
     # --- events from the workers ------------------------------------------------------------
+    async def watch(self, job_id: int) -> AsyncIterator[JobEvent]:
+        async for event in super().watch(job_id):
+            if event.type == "finished":
+                # Its follower may have read the end from the store before the NOTIFY came:
+                # heard later, it is not told again (to nobody following, it looks an orphan).
+                self._remember_end(job_id)
+            yield event
+
     def _finished(self, record: JobRecord) -> None:
         # A job's end may be heard twice (a cancel published here, then its worker's word).
-        if record.id in self._ended:
-            return
-        self._ended[record.id] = None
+        if self._remember_end(record.id):
+            super()._finished(record)
+
+    def _remember_end(self, job_id: int) -> bool:
+        """Remember that the job's end was told here; False if it already was."""
+        if job_id in self._ended:
+            return False
+        self._ended[job_id] = None
         if len(self._ended) > ENDED_MEMORY:
             del self._ended[next(iter(self._ended))]
-        super()._finished(record)
+        return True
 
     def _on_remote(self, message: dict[str, Any]) -> None:
         job_id = message.get("job")
