@@ -34,6 +34,7 @@ from psycopg.rows import dict_row
 from generators.image_post import png_metadata
 from tests.fakediscord import FakeDiscord, HttpInteractionResult, StoredMessage, payloads
 
+ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 90.0
 #: A worker silent this long has its job run elsewhere (short, so a test waits little).
 STALL_S = 3.0
@@ -59,6 +60,8 @@ def host_env(database_url: str, data_dir: Path, extra: Mapping[str, str]) -> dic
         "AIGC_WORKER_STALL_S": str(STALL_S), "AIGC_MAX_PENDING_PER_USER": "50",
         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
+        # This checkout's code, whichever one the aigcbot script was installed from.
+        "PYTHONPATH": os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]),
     })
     env.update(extra)
     return env
@@ -276,15 +279,19 @@ class Cluster:
         return result
 
     def deliveries(self) -> Counter[str]:
-        """Prompt → how many times a result picture of it reached Discord (uploads accepted)."""
-        counts: Counter[str] = Counter()
-        for request in self.fake.requests:
+        """Prompt → how many Discord messages show a result picture of it (a message is counted
+        once however often it was sent: an edit, or a post Discord matched to an earlier one by
+        its nonce)."""
+        shown: dict[str, set[str]] = {}
+        for index, request in enumerate(self.fake.requests):
             if request.status is None or request.status >= 300:
                 continue
+            message = request.response.get("id") if isinstance(request.response, dict) else None
             for upload in request.files:
                 if upload.data[:8] == b"\x89PNG\r\n\x1a\n":
-                    counts[png_metadata(upload.data).get("prompt", "")] += 1
-        return counts
+                    prompt = png_metadata(upload.data).get("prompt", "")
+                    shown.setdefault(prompt, set()).add(str(message or f"request {index}"))
+        return Counter({prompt: len(messages) for prompt, messages in shown.items()})
 
     # --- the store --------------------------------------------------------------------------
     async def jobs(self) -> list[dict[str, Any]]:
