@@ -191,7 +191,6 @@ class Submitted:
     prompt: str
     member: dict[str, Any]
     result: HttpInteractionResult
-    sent_at: float  # unix time
     job_id: int | None = None
     refusal: str | None = None
 
@@ -228,12 +227,6 @@ class Cluster:
         await self.bot.start()
         await asyncio.gather(*(worker.start() for worker in self.workers))
 
-    async def add_worker(self) -> WorkerProcess:
-        worker = self._worker(len(self.workers))
-        self.workers.append(worker)
-        await worker.start()
-        return worker
-
     async def close(self) -> None:
         await asyncio.gather(*(p.stop() for p in [self.bot, *self.workers]), return_exceptions=True)
 
@@ -259,10 +252,9 @@ class Cluster:
     async def imagine(self, member: dict[str, Any], prompt: str, **options: Any) -> Submitted:
         """A member's /imagine through the fake Discord (signed POST to the bot)."""
         payload = self.fake.slash_command("imagine", {"prompt": prompt, **options}, user=member)
-        sent_at = time.time()
         result = await self.fake.post_interaction(self.bot.url, payload, timeout=10)
         assert not result.timed_out and result.status == 200, (prompt, result.status, result.body, self.bot.log())
-        submitted = Submitted(prompt, member, result, sent_at)
+        submitted = Submitted(prompt, member, result)
         self.submitted.append(submitted)
         return submitted
 
