@@ -31,7 +31,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -203,9 +202,10 @@ async def run(args: argparse.Namespace) -> None:
                 wrong[workers][1] += row["duplicated"]
                 if workers not in best or row["jobs_s"] > best[workers]["jobs_s"]:
                     best[workers] = row
-        print("| workers | jobs | jobs/s (best; every run) | wait to start p50 / p95 s | wait to finish p50 / p95 s "
-              "| lost, duplicated (every run) |")
-        print("|---|---|---|---|---|---|")
+        if best:
+            print("| workers | jobs | jobs/s (best; every run) | wait to start p50 / p95 s "
+                  "| wait to finish p50 / p95 s | lost, duplicated (every run) |")
+            print("|---|---|---|---|---|---|")
         for workers, r in sorted(best.items()):
             runs = " · ".join(f"{v:.2f}" for v in every[workers])
             print(f"| {workers} | {r['jobs']} | {r['jobs_s']:.2f} ({runs}) | {r['start_p50']:.2f} / "
@@ -213,22 +213,23 @@ async def run(args: argparse.Namespace) -> None:
                   f"{wrong[workers][1]} |")
         kills = {"a worker SIGKILLed mid-job": bench.kill_worker,
                  "the bot SIGKILLed mid-job, restarted": bench.kill_bot}
-        totals: dict[str, tuple[int, int, int, int]] = {}
-        for name, kill in kills.items():
+        totals: dict[str, tuple[int, int, int]] = {}
+        for name, kill in kills.items() if args.kills else ():
             jobs = lost = duplicated = 0
-            started = time.monotonic()
             for _ in range(args.kills):
                 n, lo, du = await kill()
                 jobs, lost, duplicated = jobs + n, lost + lo, duplicated + du
-            totals[name] = (jobs, lost, duplicated, round(time.monotonic() - started))
-        print("\n| SIGKILL run | runs | jobs | lost | duplicated |")
-        print("|---|---|---|---|---|")
-        for name, (jobs, lost, duplicated, _) in totals.items():
+            totals[name] = (jobs, lost, duplicated)
+        if totals:
+            print("\n| SIGKILL run | runs | jobs | lost | duplicated |")
+            print("|---|---|---|---|---|")
+        for name, (jobs, lost, duplicated) in totals.items():
             print(f"| {name} | {args.kills} | {jobs} | {lost} | {duplicated} |")
-        ratio = best[2]["jobs_s"] / best[1]["jobs_s"]
-        verdicts = [f"2 workers vs 1: {ratio:.2f}× jobs/s (goal ≥ 1.7×)"]
+        verdicts = []
+        if best:
+            verdicts.append(f"2 workers vs 1: {best[2]['jobs_s'] / best[1]['jobs_s']:.2f}× jobs/s (goal ≥ 1.7×)")
         verdicts += [f"{name}: {lost} lost, {duplicated} duplicated of {jobs} (goal: both 0)"
-                     for name, (jobs, lost, duplicated, _) in totals.items()]
+                     for name, (jobs, lost, duplicated) in totals.items()]
         print("\n" + "\n".join(f"- {v}" for v in verdicts))
     finally:
         server.stop()
@@ -239,8 +240,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=24, help="image jobs per throughput run (default 24)")
     parser.add_argument("--model", choices=("face", "diffusion"), default="face")
-    parser.add_argument("--repeat", type=int, default=3, help="throughput runs of each worker count; best kept")
-    parser.add_argument("--kills", type=int, default=5, help="runs of each SIGKILL scenario")
+    parser.add_argument("--repeat", type=int, default=3,
+                        help="throughput runs of each worker count, best kept (0: no throughput runs)")
+    parser.add_argument("--kills", type=int, default=5, help="runs of each SIGKILL scenario (0: none)")
     parser.add_argument("--quick", action="store_true", help="--repeat 1 --kills 2")
     args = parser.parse_args()
     if args.quick:
