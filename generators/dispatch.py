@@ -67,6 +67,7 @@ class DispatchQueue(GenerationQueue):
         self._idle_poll_s = 0.2
         self._ended: dict[int, None] = {}  # insertion-ordered: the oldest is forgotten first
         self._accepted: dict[int, float] = {}  # accepted here, follower not subscribed yet: since
+        self._kinds: dict[int, str] = {}  # the lane of each job known here, while it is active
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self, *, recover: bool = True, load_backlog: bool = True) -> None:
@@ -111,6 +112,7 @@ class DispatchQueue(GenerationQueue):
         record = await self._db.run(self.store.create_job, job, limit, limits)
         self._forget_stale_accepted()
         self._accepted[record.id] = time.monotonic()  # before a worker can see it
+        self._kinds[record.id] = record.kind
         # Written before it is handed on: if this process stops in between, a worker's scan
         # hands it on (`generators.workers`); it is never lost.
         task_id = await defer(self.app, record)
@@ -153,6 +155,13 @@ class DispatchQueue(GenerationQueue):
                                     max((w.heartbeat_at for w in serving), default=0.0)))
         return states
 
+    def position(self, job_id: int) -> int | None:
+        """A followed job's place as last told; any other job's read from the store (a quick
+        indexed query: PostgreSQL's pool serves any thread)."""
+        if job_id in self._positions:
+            return self._positions[job_id]
+        return self.store.position(job_id)
+
     async def drain(self) -> None:
         """Wait until no job is queued or running anywhere."""
         while any(queued or running for queued, running in (await self._db.run(self.store.lane_counts)).values()):
@@ -189,6 +198,7 @@ class DispatchQueue(GenerationQueue):
 
     def _remember_end(self, job_id: int) -> bool:
         """Remember that the job's end was told here; False if it already was."""
+        self._kinds.pop(job_id, None)
         if job_id in self._ended:
             return False
         self._ended[job_id] = None
@@ -212,6 +222,7 @@ class DispatchQueue(GenerationQueue):
         if not self._global and not self.is_watched(job_id):
             return  # nobody here follows it: no need to read it
         record = await self.get(job_id)
+        self._kinds[job_id] = record.kind
         if kind == "started":
             self._positions[job_id] = 0
             self._emit(JobEvent(job_id, "started", position=0, record=record))
@@ -250,7 +261,8 @@ class DispatchQueue(GenerationQueue):
 
     async def _refresh_positions(self, kind: str, also: int | None = None) -> None:
         """Tell the followers of this lane's queued jobs their new places."""
-        job_ids = [j for j in {*self._listeners, *([also] if also else [])} if self._positions.get(j) != 0]
+        job_ids = [j for j in {*self._listeners, *([also] if also else [])}
+                   if self._positions.get(j) != 0 and self._kinds.get(j, kind) == kind]
         for job_id in job_ids:
             position = await self._db.run(self.store.position, job_id)
             if position is None or position == 0:

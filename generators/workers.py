@@ -33,7 +33,7 @@ from procrastinate import exceptions as procrastinate_errors
 from procrastinate.job_context import AbortReason
 from procrastinate.jobs import Status
 
-from generators.queue import GenerationQueue, JobEvent
+from generators.queue import GenerationQueue, JobEvent, QueueError
 from generators.tasks import TASK, defer, make_app, queue_name
 from storage.database import AsyncDatabase
 from storage.events import publish
@@ -107,7 +107,8 @@ class JobWorker:
                         name=self.id, install_signal_handlers=False, wait=True, listen_notify=True,
                         update_heartbeat_interval=self.config.heartbeat_s,
                         stalled_worker_timeout=self.config.stall_s,
-                        shutdown_graceful_timeout=self.config.grace_s, delete_jobs="successful")
+                        # The jobs table is the record; procrastinate's rows would only pile up.
+                        shutdown_graceful_timeout=self.config.grace_s, delete_jobs="always")
                 finally:
                     for task in helpers:
                         task.cancel()
@@ -124,6 +125,9 @@ class JobWorker:
     async def _run_job(self, context: JobContext, job_id: int) -> None:
         try:
             record = await self.queue.run_job(job_id)
+        except QueueError:  # stopping: the job stays queued and needs a new task (see run)
+            self._interrupted.add(job_id)
+            raise
         except asyncio.CancelledError:
             if context.abort_reason() == AbortReason.USER_REQUEST:
                 # A member's cancel: stop the generation now and let the job settle as cancelled.

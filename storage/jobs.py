@@ -399,6 +399,100 @@ class SqlJobStore:
                     requeued.append(job_id)
         return requeued, failed
 
+    # --- delivery: a finished job reaches Discord once, whichever process posts it ---------
+    # A claim (delivered_by, delivery_claimed_at) says which process may post a job's result;
+    # its process renews it while it lives, and a claim older than the caller's lease belongs
+    # to a dead (or stuck) process and may be taken over. delivered_at ends it for good.
+    def claim_delivery(self, job_id: int, by: str, lease_s: float | None = None) -> bool:
+        """Compare-and-set: True for exactly one caller while the claim lives. Taken when the
+        job is not delivered and nobody claims it, or (with ``lease_s``) when the holder has
+        not renewed its claim for ``lease_s`` seconds."""
+        now = self.clock()
+        stale_before = now - lease_s if lease_s is not None else -math.inf
+        with immediate(self.db):
+            cursor = self.db.execute(
+                "UPDATE jobs SET delivered_by=?, delivery_claimed_at=? WHERE id=? AND delivered_at IS NULL"
+                " AND (delivered_by IS NULL OR delivery_claimed_at < ?)",
+                [by, now, job_id, stale_before],
+            )
+        return bool(cursor.rowcount)
+
+    def renew_delivery(self, by: str, job_ids: Iterable[int]) -> list[int]:
+        """Refresh this process's claims on these jobs; returns those it still holds."""
+        ids = list(job_ids)
+        if not ids:
+            return []
+        with immediate(self.db):
+            rows = self.db.execute(
+                f"UPDATE jobs SET delivery_claimed_at=? WHERE id IN ({_marks(ids)}) AND delivered_by=?"
+                " AND delivered_at IS NULL RETURNING id",
+                [self.clock(), *ids, by],
+            ).fetchall()
+        return sorted(row[0] for row in rows)
+
+    def holds_delivery(self, job_id: int, by: str) -> bool:
+        """Whether ``by`` still holds the claim on an undelivered job (a stuck process's claim
+        may have been taken over)."""
+        row = self.db.execute(
+            "SELECT 1 FROM jobs WHERE id=? AND delivered_by=? AND delivered_at IS NULL", [job_id, by]
+        ).fetchone()
+        return row is not None
+
+    def mark_delivered(self, job_id: int, by: str, message_id: str | None = None) -> bool:
+        """End ``by``'s claim: the result was posted (``message_id``), or the member was told
+        what became of the job and nothing may be posted (None). False if the claim is not
+        ``by``'s (taken over, or already ended)."""
+        with immediate(self.db):
+            cursor = self.db.execute(
+                "UPDATE jobs SET delivered_at=?, delivered_message=? WHERE id=? AND delivered_by=?"
+                " AND delivered_at IS NULL",
+                [self.clock(), message_id, job_id, by],
+            )
+        return bool(cursor.rowcount)
+
+    def release_delivery(self, job_id: int, by: str) -> bool:
+        """Give back ``by``'s claim, so another process (or the next start) delivers at once."""
+        with immediate(self.db):
+            cursor = self.db.execute(
+                "UPDATE jobs SET delivered_by=NULL, delivery_claimed_at=NULL WHERE id=? AND delivered_by=?"
+                " AND delivered_at IS NULL",
+                [job_id, by],
+            )
+        return bool(cursor.rowcount)
+
+    def undelivered(self, lease_s: float, max_age_s: float = 86400.0, limit: int = 50,
+                    source: str = "discord") -> list[JobRecord]:
+        """Succeeded jobs of ``source`` with a channel to post to that nobody delivered and
+        nobody (alive) claims, finished within ``max_age_s``, oldest first, at most ``limit``.
+        Failed and cancelled jobs are not listed: only a follower tells those, privately."""
+        now = self.clock()
+        rows = self.db.execute(
+            "SELECT id FROM jobs WHERE source=? AND status='succeeded' AND delivered_at IS NULL AND finished_at >= ?"
+            " AND channel IS NOT NULL AND (delivered_by IS NULL OR delivery_claimed_at < ?)"
+            " ORDER BY finished_at, id LIMIT ?",
+            [source, now - max_age_s, now - lease_s, limit],
+        ).fetchall()
+        return [self.get(row[0]) for row in rows]
+
+    def expire_undelivered(self, lease_s: float, max_age_s: float, reason: str,
+                           source: str = "discord") -> list[int]:
+        """Mark expired (with ``reason``) the succeeded jobs `undelivered` no longer lists for
+        their age: finished over ``max_age_s`` ago, not delivered, no live claim."""
+        now = self.clock()
+        with immediate(self.db):
+            rows = self.db.execute(
+                "UPDATE jobs SET status='expired', error=? WHERE source=? AND status='succeeded'"
+                " AND delivered_at IS NULL AND finished_at < ? AND channel IS NOT NULL"
+                " AND (delivered_by IS NULL OR delivery_claimed_at < ?) RETURNING id",
+                [reason, source, now - max_age_s, now - lease_s],
+            ).fetchall()
+        return sorted(row[0] for row in rows)
+
+    def delivery(self, job_id: int) -> tuple[str | None, float | None, str | None]:
+        """(who claims or delivered it, when it was delivered, the message showing it)."""
+        row = self._row(job_id)
+        return row["delivered_by"], row["delivered_at"], row["delivered_message"]
+
     # --- reads ----------------------------------------------------------------------------
     def queued(self, kinds: Iterable[str] | None = None) -> list[JobRecord]:
         sql = "SELECT * FROM jobs WHERE status='queued'"

@@ -278,6 +278,18 @@ SCHEMA: tuple[Migration, ...] = (
         )
         """,
     )),
+    # Delivered once even when the process that claimed a delivery dies: a claim is a lease its
+    # process renews (bot.discord.claims); one left to go stale may be taken over.
+    Migration("0008_delivery_lease", (
+        "ALTER TABLE jobs ADD COLUMN delivery_claimed_at REAL",
+        "ALTER TABLE jobs ADD COLUMN delivered_message TEXT",  # the Discord message that shows it
+        # Jobs finished before deliveries were recorded were delivered (or lost) then: the first
+        # start-up scan must not post them again.
+        "UPDATE jobs SET delivered_at = finished_at WHERE finished_at IS NOT NULL AND delivered_at IS NULL",
+        # The delivery scan: a source's finished, undelivered jobs by age; equalities first, so
+        # results delivered long ago and CLI jobs (never delivered to Discord) are not read.
+        "CREATE INDEX jobs_delivery_scan ON jobs (source, status, delivered_at, finished_at)",
+    )),
     # The workers that run jobs (`aigcbot worker`), as each reports itself: which lanes have one.
     Migration("0009_workers", (
         """

@@ -561,3 +561,36 @@ def test_builders_match_discord_docs() -> None:
         message=message,
     )
     assert any("message" in p for p in validate_interaction(click))  # not a full message
+
+
+@pytest.mark.asyncio
+async def test_enforced_nonce_returns_the_earlier_message(fake_discord: FakeDiscord) -> None:
+    """Create Message with ``nonce`` + ``enforce_nonce`` (discord.py sends both for ``nonce=``):
+    the same author and nonce within the window give the first message back, no second one."""
+    fake = fake_discord
+    client = discord.Client(intents=discord.Intents.none())
+    await client.login(fake.token)
+    try:
+        channel = client.get_partial_messageable(int(fake.channel_id))
+        first = await channel.send("result", nonce="j7")
+        again = await channel.send("result, posted again after a crash", nonce="j7")
+        other = await channel.send("another job", nonce="j8")
+        unenforced = await channel.send("random nonces: always new")
+        await channel.send("random nonces: always new")
+        assert again.id == first.id and other.id != first.id
+        sent = next(r for r in fake.find_requests("POST", r"/channels/\d+/messages$") if r.json.get("nonce") == "j7")
+        assert sent.json["enforce_nonce"] is True  # what makes Discord check it
+        contents = [m.content for m in fake.messages(fake.channel_id)]
+        assert contents.count("result") == 1 and "result, posted again after a crash" not in contents
+        assert contents.count("random nonces: always new") == 2 and unenforced.nonce is not None
+
+        fake.nonce_window_s = 0.0  # "a few minutes" later the nonce may be used again
+        later = await channel.send("result", nonce="j7")
+        assert later.id != first.id
+        fake.nonce_window_s = 300.0
+        await later.delete()
+        with pytest.raises(discord.NotFound):  # as discord.py documents: deleted shortly earlier
+            await channel.send("result", nonce="j7")
+    finally:
+        await client.close()
+    assert [m.content for m in fake.messages(fake.channel_id)].count("result") == 1  # the later one is deleted

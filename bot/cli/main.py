@@ -229,7 +229,7 @@ async def _generate(settings: Settings, kind: str, prompt: str, params: dict[str
 def cmd_jobs(settings: Settings, args: argparse.Namespace) -> int:
     from bot.core.services import Services
 
-    if not settings.db_file.exists():
+    if not settings.uses_postgres and not settings.db_file.exists():
         raise CliError(f"no database at {settings.db_file} yet; nothing has run")
     services = Services(settings)
     store = services.store

@@ -123,7 +123,7 @@ async def _schedule(settings: Settings, args: argparse.Namespace) -> int:
         except ScheduleError as exc:
             await out.error(str(exc))
             return 1
-    elif not settings.db_file.exists():
+    elif not settings.uses_postgres and not settings.db_file.exists():
         if args.action == "list":
             print("[]" if args.json else "No scheduled posts.")
             return 0

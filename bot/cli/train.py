@@ -107,7 +107,8 @@ async def _train(settings: Settings, args: argparse.Namespace) -> int:
         return 1
     tuning = finetune_settings(settings)
     needed = tuning.min_texts if args.kind == "text" else tuning.min_images
-    if not settings.db_file.exists():  # nothing was ever captured: refuse without creating a database
+    # Nothing was ever captured: refuse without creating a database.
+    if not settings.uses_postgres and not settings.db_file.exists():
         print(f"error: only 0 approved {args.kind} item(s) in server {args.guild}; training needs at least "
               f"{needed} (no database at {settings.db_file} yet)", file=sys.stderr)
         return 1

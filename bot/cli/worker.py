@@ -55,8 +55,9 @@ async def _work(settings: Settings, lanes: tuple[str, ...], concurrency: int) ->
 
     services = Services(settings)
     try:
-        await services.serve_monitoring("worker")
-        worker = services.worker(lanes, concurrency)
+        worker = services.worker(lanes, concurrency, process=True)
+        await services.serve_monitoring("worker")  # this worker's lanes, jobs and heartbeats
+        unobserve = services.queue_metrics.attach()
         task = asyncio.create_task(worker.run(), name="worker")
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -69,6 +70,7 @@ async def _work(settings: Settings, lanes: tuple[str, ...], concurrency: int) ->
         with contextlib.suppress(asyncio.CancelledError):
             await task
         ready.cancel()
+        unobserve()
         return 0
     finally:
         await services.close()

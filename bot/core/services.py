@@ -35,7 +35,7 @@ from bot.settings import SERVER_MODEL, Settings, finetune_settings, global_defau
 from generators.base import Generator, GeneratorError
 from generators.image_models import AUTO, DIFFUSION
 from generators.metrics import QueueMetrics
-from generators.queue import GenerationQueue
+from generators.queue import GenerationQueue, JobEvent
 from generators.registry import Factory, ModelRegistry
 from jobs.retention import Retention
 from jobs.scheduled_posts import LogModLog, ModLog, PosterModLog, PostTarget, ScheduledPoster, numeric_channel
@@ -179,6 +179,8 @@ class Services:
         self._instruments: dict[Callable[[CollectorRegistry], Any], Any] = {}
         self._unobserve: Callable[[], None] | None = None
         self._local_worker: asyncio.Task[None] | None = None
+        self._unfollow_training: Callable[[], None] | None = None
+        self._background: set[asyncio.Future[None]] = set()
 
     # --- storage -------------------------------------------------------------------------
     @cached_property
@@ -286,13 +288,16 @@ class Services:
                                  db=self.adb, worker_stall_s=self.settings.worker_stall_s)
         return GenerationQueue(self.store, self.registry, config, db=self.adb)
 
-    def worker(self, lanes: Iterable[str], concurrency: int = 1) -> JobWorker:
+    def worker(self, lanes: Iterable[str], concurrency: int = 1, *, process: bool = False) -> JobWorker:
         """A worker for these lanes on the PostgreSQL store (`aigcbot worker`, AIGC_LOCAL_LANES):
-        a queue of its own, with this process's models."""
+        a queue of its own, with this process's models. ``process``: the worker is what this
+        process is (`aigcbot worker`), so its queue is the one monitoring observes."""
         from generators.workers import JobWorker, WorkerConfig
 
         lanes = tuple(lanes)
         queue = GenerationQueue(self.store, self.registry, queue_config(self.settings, lanes=lanes), db=self.adb)
+        if process:
+            self.__dict__["queue"] = queue  # the cached property, set before anything reads it
         config = WorkerConfig(lanes, concurrency=concurrency, stall_s=self.settings.worker_stall_s)
         return JobWorker(self.settings.store_target, self.db, self.store, queue, self.adb, config)  # type: ignore[arg-type]
 
@@ -370,10 +375,29 @@ class Services:
             self._started = True
             self._unobserve = self.queue_metrics.attach()  # before the backlog's jobs start
             await self.queue.start(recover=recover, load_backlog=load_backlog)
+            if self.settings.uses_postgres:
+                self._unfollow_training = self.queue.add_listener(self._training_ended)
             if self.settings.uses_postgres and self.settings.local_lanes:
                 worker = self.worker(self.settings.local_lanes)
                 self._local_worker = asyncio.create_task(worker.run(), name="local-worker")
                 await worker.ready.wait()
+
+    def _training_ended(self, event: JobEvent) -> None:
+        """A training run that ended on a worker may have promoted a version: the adapters
+        this process names in /chat jobs are read again (the worker's process updated its own)."""
+        if event.type == "finished" and event.record is not None and event.record.kind == "training":
+            self._background.add(task := asyncio.ensure_future(self._reload_adapters()))
+            task.add_done_callback(self._background.discard)
+
+    async def _reload_adapters(self) -> None:
+        from jobs.finetune import serving_paths
+
+        try:
+            paths = await self.adb.run(serving_paths, self.community)
+        except Exception:
+            log.exception("could not read the serving adapters again")
+            return
+        self.adapters.replace_all(paths)
 
     async def start_background(self) -> None:
         """Community capture, scheduled posts, nightly training and retention, for a front end
@@ -406,6 +430,9 @@ class Services:
         if self._unobserve is not None:
             self._unobserve()
             self._unobserve = None
+        if self._unfollow_training is not None:
+            self._unfollow_training()
+            self._unfollow_training = None
         await self.stop_background()
         if "schedules" in built:
             await self.schedules.stop()

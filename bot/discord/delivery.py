@@ -15,7 +15,10 @@ and the rest through discord.py's `Webhook.partial`. Everything else lives here 
   (`EditThrottle`), with the job's buttons (Cancel while it runs);
 - the result replaces it (`bot.discord.render`); a result that comes after the interaction
   token's 15 minutes is posted to the channel with the bot token, mentioning the member;
-- errors are ephemeral: after a public deferral the "thinking" message is deleted first.
+- errors are ephemeral: after a public deferral the "thinking" message is deleted first;
+- a job's result is posted only by the process holding its delivery claim (`bot.discord.claims`):
+  the responder claims the job when it is accepted, ends the claim once the result shows (or
+  the member was told what became of the job), and gives it back if it could not show it.
 """
 
 from __future__ import annotations
@@ -29,11 +32,13 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import aiohttp
 import discord
 import yarl
 
 from bot.core.catalogue import CUSTOM_ID_PREFIX, Ack
 from bot.core.invocation import Button, FileOut, Form, Status, user_error
+from bot.discord.claims import DeliveryClaims, Post, nonce
 from bot.discord.metrics import DiscordMetrics
 from bot.discord.render import progress_text, render_result, split_text
 from bot.discord.throttle import EditThrottle
@@ -172,9 +177,10 @@ class DiscordResponder:
     def __init__(self, transport: Transport, ack: Ack, *, late_post: LatePost | None = None,
                  clock: Callable[[], float] = time.time,
                  token_window_s: float = TOKEN_LIFETIME_S - TOKEN_MARGIN_S,
-                 metrics: DiscordMetrics | None = None) -> None:
+                 metrics: DiscordMetrics | None = None, claims: DeliveryClaims | None = None) -> None:
         self.transport = transport
         self.metrics = metrics
+        self.claims = claims
         self.ack = ack
         self.late_post = late_post
         self._clock = clock
@@ -199,12 +205,15 @@ class DiscordResponder:
         else:
             self._auto_defer = asyncio.create_task(self._defer_later())
 
-    async def finish(self) -> None:
+    async def finish(self, *, cancelled: bool = False) -> None:
         """After the handler: stop the timer and the progress edits; a handler that said
-        nothing at all still gets the interaction answered."""
+        nothing at all still gets the interaction answered. A job's claim that its result did
+        not end is let go (see `DeliveryClaims.let_go`)."""
         if self._auto_defer is not None:
             self._auto_defer.cancel()
         await self.throttle.close()
+        if self.claims is not None and self.job_id is not None:
+            await self.claims.let_go(self.job_id, settle=not cancelled)
         async with self._lock:
             if not self.transport.acknowledged():
                 await self.transport.respond(Outgoing("Done.", ephemeral=True))
@@ -225,6 +234,8 @@ class DiscordResponder:
     # --- Responder -----------------------------------------------------------------------------
     async def accepted(self, record: JobRecord) -> None:
         self.job_id = record.id
+        if self.claims is not None:  # this process follows the job: it delivers it
+            await self.claims.claim(record.id)
         if self.ack == "job":
             await self._defer(ephemeral=False)
 
@@ -246,20 +257,44 @@ class DiscordResponder:
 
     async def result(self, record: JobRecord, buttons: Sequence[Button] = ()) -> str | None:
         await self.throttle.close()
+        if not await self._may_deliver(record):
+            log.info("job %s is delivered by another bot process", record.id,
+                     extra=job_log_fields(record.id, record.kind))
+            return None
+        try:
+            self.message_id = await self._show(record, buttons)
+        except Exception:
+            if self.claims is not None:  # not shown: the next delivery scan posts it to the channel
+                await self.claims.release(record.id)
+            raise
+        if self.claims is not None:
+            if self.message_id is None:
+                await self.claims.release(record.id)
+            else:
+                await self.claims.delivered(record, self.message_id)
+        return self.message_id
+
+    async def _may_deliver(self, record: JobRecord) -> bool:
+        """This process holds the job's claim (taken now if nobody does)."""
+        if self.claims is None:
+            return True
+        if self.job_id == record.id and await self.claims.holds(record.id):
+            return True
+        self.job_id = record.id
+        return await self.claims.claim(record.id)
+
+    async def _show(self, record: JobRecord, buttons: Sequence[Button]) -> str | None:
         rendered = render_result(record, self.transport.attachment_limit)
         if self.token_expired():
-            self.message_id = await self._post_late(record, rendered.content, rendered.files, rendered.followups,
-                                                    tuple(buttons))
-            return self.message_id
+            return await self._post_late(record, rendered.content, rendered.files, rendered.followups, tuple(buttons))
         await self._defer(ephemeral=self.ack == "ephemeral")
         await self.throttle.wait_turn()
-        self.message_id = await self.transport.edit_original(
-            Outgoing(rendered.content, rendered.files, tuple(buttons)))
+        message_id = await self.transport.edit_original(Outgoing(rendered.content, rendered.files, tuple(buttons)))
         if self.metrics is not None:  # the result shows once the original is edited
             self.metrics.delivered(record)
         for chunk in rendered.followups:
             await self.transport.followup(Outgoing(chunk, ephemeral=self.ack == "ephemeral"))
-        return self.message_id
+        return message_id
 
     async def _post_late(self, record: JobRecord, content: str, out: list[FileOut], followups: list[str],
                          buttons: tuple[Button, ...]) -> str | None:
@@ -320,8 +355,10 @@ class LatePost(Protocol):
 
 
 def channel_poster(client: discord.Client, services: Services, metrics: DiscordMetrics | None = None) -> LatePost:
-    """A `LatePost` through the client's REST connection (gateway or not); a result that can't
-    be posted either is marked ``expired`` (its interaction is gone, so is its channel)."""
+    """A `LatePost` through the client's REST connection (gateway or not); a result the
+    channel refuses (gone, or no access) is marked ``expired`` (its interaction is gone too).
+    Each message carries the job's nonce: posted again (after a crash, by another process),
+    it is the same message. A failure on Discord's side returns None (tried again later)."""
 
     async def post(channel_id: str, record: JobRecord, content: str, out: list[FileOut], followups: list[str],
                    buttons: tuple[Button, ...]) -> str | None:
@@ -330,9 +367,14 @@ def channel_poster(client: discord.Client, services: Services, metrics: DiscordM
         try:
             message = await channel.send(f"{mention}{content}"[:2000], files=files(out), view=view(buttons),
                                          allowed_mentions=discord.AllowedMentions(users=True, everyone=False,
-                                                                                  roles=False))
-            for chunk in followups:
-                await channel.send(chunk, allowed_mentions=NO_MENTIONS)
+                                                                                  roles=False),
+                                         nonce=nonce(record.id))
+            for part, chunk in enumerate(followups, start=1):
+                await channel.send(chunk, allowed_mentions=NO_MENTIONS, nonce=nonce(record.id, part))
+        except (discord.DiscordServerError, aiohttp.ClientError, OSError) as exc:
+            log.warning("job %s: could not post its result to channel %s (%s); trying again later", record.id,
+                        channel_id, exc, extra=job_log_fields(record.id, record.kind))
+            return None
         except discord.HTTPException as exc:
             reason = "finished after the interaction token expired (15 minutes); result not delivered"
             log.warning("job %s %s: channel %s refused it (%s); marked expired", record.id, reason, channel_id, exc,
@@ -354,9 +396,11 @@ async def serve(responder: DiscordResponder, what: str, run: Callable[[], Awaita
     """Answer one interaction: acknowledge as its command says, run the handler, and turn an
     unexpected failure into one ephemeral line (the traceback goes to the log)."""
     await responder.begin()
+    cancelled = False
     try:
         await run()
     except asyncio.CancelledError:
+        cancelled = True
         raise
     except Exception as exc:
         message = user_error(exc)
@@ -368,23 +412,31 @@ async def serve(responder: DiscordResponder, what: str, run: Callable[[], Awaita
         except discord.HTTPException as second:
             log.warning("could not tell the member about the failure of %s: %s", what, second)
     finally:
-        await responder.finish()
+        await responder.finish(cancelled=cancelled)
 
 
-def deliver_orphans(services: Services, late_post: LatePost) -> Callable[[], None]:
+def channel_post(late_post: LatePost) -> Post:
+    """Post a finished job's result to its channel (a job nobody follows: its interaction is
+    gone), mentioning its member."""
+
+    async def post(record: JobRecord) -> str | None:
+        assert record.channel is not None
+        rendered = render_result(record)
+        return await late_post(record.channel, record, rendered.content, rendered.files, rendered.followups, ())
+
+    return post
+
+
+def deliver_orphans(services: Services, claims: DeliveryClaims) -> Callable[[], None]:
     """Deliver jobs nobody in this process follows (accepted before a restart: their
-    interaction is gone) to their channel when they finish; returns a function that stops."""
-    tasks: set[asyncio.Task[Any]] = set()
+    interaction is gone) to their channel when they finish here, if this process wins their
+    claim (see `bot.discord.claims`); returns a function that stops."""
 
     def on_event(event: JobEvent) -> None:
         record = event.record
         if event.type != "finished" or record is None or services.queue.is_watched(record.id):
             return
         if record.source == "discord" and record.status == "succeeded" and record.channel:
-            rendered = render_result(record)
-            task = asyncio.create_task(late_post(record.channel, record, rendered.content, rendered.files,
-                                                 rendered.followups, ()))
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            claims.deliver_soon(record)
 
     return services.queue.add_listener(on_event)

@@ -8,7 +8,9 @@
 Over the gateway the bot also sees messages: replies to its answers continue conversations
 (`bot.discord.replies`), messages in opted-in channels are captured for training (edits
 and deletions follow them), and a moderator's ✅ reaction approves a captured message. Once
-connected it starts capture, scheduled posts and nightly training (`Services.start_background`).
+connected it starts capture, scheduled posts and nightly training (`Services.start_background`),
+and the delivery scan: results of jobs no process follows go to their channel, once
+(`bot.discord.claims`).
 
 Sharding (AIGC_DISCORD_SHARDS): `new_bot` builds `ShardedAigcBot`, the same bot on discord.py's
 AutoShardedBot, which runs every shard's connection in this process; unset, one plain connection.
@@ -38,11 +40,13 @@ from bot.core.invocation import Form, Invocation
 from bot.core.permissions import is_moderator
 from bot.core.services import Services
 from bot.discord import replies
+from bot.discord.claims import LEASE_S, DeliveryClaims
 from bot.discord.delivery import (
     CatalogueButton,
     CatalogueModal,
     DiscordResponder,
     Outgoing,
+    channel_post,
     channel_poster,
     configure_endpoints,
     deliver_orphans,
@@ -116,10 +120,11 @@ class GatewayTransport:
 
 class AigcBot(ext_commands.Bot):
     """discord.py client serving the catalogue. ``build_services`` gets the bot (scheduled
-    posts go through it) and returns the services; see `gateway_services`."""
+    posts go through it) and returns the services; see `gateway_services`. ``delivery_lease_s``:
+    how long a dead process's delivery claims hold (`bot.discord.claims.LEASE_S`)."""
 
     def __init__(self, settings: Settings, build_services: Callable[[discord.Client], Services],
-                 **options: Any) -> None:
+                 *, delivery_lease_s: float = LEASE_S, **options: Any) -> None:
         intents = discord.Intents.default()
         intents.message_content = settings.discord_message_content
         super().__init__(command_prefix=ext_commands.when_mentioned, intents=intents, help_command=None,
@@ -131,7 +136,8 @@ class AigcBot(ext_commands.Bot):
         self.metrics = self.services.instruments(DiscordMetrics)
         self._unwatch: Callable[[], None] | None = None
         self.late_post = channel_poster(self, self.services, self.metrics)
-        self._orphans = deliver_orphans(self.services, self.late_post)
+        self.claims = DeliveryClaims(self.services, lease_s=delivery_lease_s)
+        self._orphans = deliver_orphans(self.services, self.claims)
         build_tree(self.tree, CATALOGUE.for_settings(settings), self.on_command, self.on_complete, self.on_menu)
         self.tree.on_error = self.on_tree_error
 
@@ -153,7 +159,8 @@ class AigcBot(ext_commands.Bot):
         return is_moderator(user.guild_permissions.value, [str(r.id) for r in roles], [r.name for r in roles], role)
 
     def responder(self, interaction: discord.Interaction, ack: Any) -> DiscordResponder:
-        return DiscordResponder(GatewayTransport(interaction), ack, late_post=self.late_post, metrics=self.metrics)
+        return DiscordResponder(GatewayTransport(interaction), ack, late_post=self.late_post, metrics=self.metrics,
+                                claims=self.claims)
 
     async def on_command(self, interaction: discord.Interaction, command: Command, values: dict[str, Any]) -> None:
         responder = self.responder(interaction, command.ack)
@@ -285,6 +292,7 @@ class AigcBot(ext_commands.Bot):
 
     async def on_ready(self) -> None:
         if self._starting is None:  # once: READY after a reconnect changes nothing
+            self.claims.start(channel_post(self.late_post))  # the client can post now
             self._starting = asyncio.create_task(self.services.start_background())
         await self._starting
 
@@ -296,6 +304,7 @@ class AigcBot(ext_commands.Bot):
                 await starting
         await self.services.stop_background()  # no scheduled post may outlive the connection
         self._orphans()
+        await self.claims.stop()
         await super().close()
         if self._unwatch is not None:
             self._unwatch()

@@ -14,6 +14,7 @@ the same `DiscordResponder` as the gateway: the first response is the HTTP reply
 Who moderates comes from the member data in the payload: Manage Server, or the server's
 moderator role, by id or by name (role names are looked up once per server, then cached).
 Commands are registered at start only when they changed (`bot.discord.registration`).
+Once logged in, results of jobs no process follows go to their channel, once (`bot.discord.claims`).
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ from bot.core.catalogue import Ack, Catalogue, complete, run_command, run_compon
 from bot.core.invocation import Form, Invocation
 from bot.core.permissions import is_moderator
 from bot.core.services import Services
+from bot.discord.claims import LEASE_S, DeliveryClaims
 from bot.discord.delivery import (
     NO_MENTIONS,
     TOKEN_LIFETIME_S,
     TOKEN_MARGIN_S,
     DiscordResponder,
     Outgoing,
+    channel_post,
     channel_poster,
     components_json,
     configure_endpoints,
@@ -308,7 +311,8 @@ class InteractionEndpoint:
     """The ``POST /interactions`` handler and the background work it starts."""
 
     def __init__(self, services: Services, client: discord.Client, *, catalogue: Catalogue = CATALOGUE,
-                 token_window_s: float = TOKEN_LIFETIME_S - TOKEN_MARGIN_S) -> None:
+                 token_window_s: float = TOKEN_LIFETIME_S - TOKEN_MARGIN_S,
+                 delivery_lease_s: float = LEASE_S) -> None:
         settings = services.settings
         if not settings.discord_public_key:
             raise ValueError("DISCORD_PUBLIC_KEY is required for the HTTP interactions endpoint")
@@ -320,6 +324,8 @@ class InteractionEndpoint:
         self.role_names = RoleNames(client)
         self.metrics = services.instruments(DiscordMetrics)
         self.late_post = channel_poster(client, services, self.metrics)
+        self.claims = DeliveryClaims(services, lease_s=delivery_lease_s)
+        self._stop_orphans: Callable[[], None] | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
     # --- the request -----------------------------------------------------------------------
@@ -394,7 +400,7 @@ class InteractionEndpoint:
         if work is None:
             return message_reply(ack)
         responder = DiscordResponder(transport, ack, late_post=self.late_post,  # type: ignore[arg-type]
-                                     token_window_s=self.token_window_s, metrics=self.metrics)
+                                     token_window_s=self.token_window_s, metrics=self.metrics, claims=self.claims)
         await responder.begin()  # a generation's deferral is the HTTP reply at once, before any work
         self.spawn(serve(responder, f"interaction {incoming.id}", lambda: work(responder)))
         try:
@@ -458,6 +464,13 @@ class InteractionEndpoint:
                 "data": {"choices": [{"name": c.name[:100], "value": c.value} for c in choices[:25]]}}
 
     # --- background tasks ------------------------------------------------------------------
+    def start_delivery(self) -> None:
+        """Deliver results nobody follows (the scan, and jobs that finish here unfollowed);
+        once the client is logged in."""
+        if self._stop_orphans is None:
+            self._stop_orphans = deliver_orphans(self.services, self.claims)
+            self.claims.start(channel_post(self.late_post))
+
     def spawn(self, coro: Any) -> None:
         """Run in the background, referenced until done (the loop keeps only weak references)."""
         task = asyncio.create_task(coro)
@@ -466,10 +479,14 @@ class InteractionEndpoint:
 
     async def shutdown(self) -> None:
         """Cancel the background work and wait for it (their jobs stay in the queue's store)."""
+        if self._stop_orphans is not None:
+            self._stop_orphans()
+            self._stop_orphans = None
         tasks = list(self.tasks)
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.claims.stop()
 
 
 ENDPOINT_KEY = web.AppKey("endpoint", InteractionEndpoint)
@@ -496,8 +513,9 @@ def http_client(settings: Settings) -> discord.Client:
 
 
 async def start_http(settings: Settings, client: discord.Client, services: Services, *,
-                     force_sync: bool = False) -> InteractionEndpoint:
-    """Log in over REST, start the queue, register the commands if they changed."""
+                     force_sync: bool = False, delivery_lease_s: float = LEASE_S) -> InteractionEndpoint:
+    """Log in over REST, start the queue, register the commands if they changed, start
+    delivering results nobody follows."""
     assert settings.discord_token is not None
     await client.login(settings.discord_token.get_secret_value())
     await services.start()
@@ -506,7 +524,9 @@ async def start_http(settings: Settings, client: discord.Client, services: Servi
     assert client.application_id is not None
     await register(tree, client.application_id, settings.discord_dev_guild_ids, services.state, services.adb,
                    force=force_sync)
-    return InteractionEndpoint(services, client)
+    endpoint = InteractionEndpoint(services, client, delivery_lease_s=delivery_lease_s)
+    endpoint.start_delivery()
+    return endpoint
 
 
 async def _never(*_: Any) -> Any:
@@ -525,7 +545,7 @@ async def run_http(settings: Settings, host: str, port: int, *, force_sync: bool
     client = http_client(settings)
     services = Services(settings, target=DiscordPoster(client), commands=CATALOGUE.switchable())
     runner: web.AppRunner | None = None
-    stop_orphans: Callable[[], None] | None = None
+    endpoint: InteractionEndpoint | None = None
     unwatch = services.instruments(DiscordMetrics).watch_rate_limits()
     try:
         await services.serve_monitoring("http")  # before logging in: a port in use stops the start
@@ -535,7 +555,6 @@ async def run_http(settings: Settings, host: str, port: int, *, force_sync: bool
             print("error: Discord refused the token (DISCORD_TOKEN); check it in the Developer Portal",
                   file=sys.stderr)
             return 1
-        stop_orphans = deliver_orphans(services, endpoint.late_post)
         runner = web.AppRunner(create_app(endpoint), handle_signals=False, access_log=None)
         await runner.setup()
         try:
@@ -554,9 +573,9 @@ async def run_http(settings: Settings, host: str, port: int, *, force_sync: bool
         return 0
     finally:
         unwatch()
-        if stop_orphans is not None:
-            stop_orphans()
         if runner is not None:
-            await runner.cleanup()
+            await runner.cleanup()  # shuts the endpoint down
+        elif endpoint is not None:
+            await endpoint.shutdown()
         await services.close()
         await client.close()

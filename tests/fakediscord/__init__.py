@@ -53,6 +53,10 @@ attachment_size_limit=10 MiB, echo_message_events=True, recommended_shards=1)``
 - ``zlib_fragment_size``: split each compressed gateway message over frames of this size.
 - ``recommended_shards``: the ``shards`` of ``GET /gateway/bot`` (what an AutoShardedClient
   without ``shard_count`` opens; also settable later as ``fake.recommended_shards``).
+- ``nonce_window_s`` (attribute, default 300): a channel message created with ``nonce`` and
+  ``enforce_nonce: true`` by the same author as one of the last ``nonce_window_s`` seconds
+  returns that message and creates none (no MESSAGE_CREATE), as Discord documents; 404 10008
+  if that message was deleted since.
 
 Sharding: an IDENTIFY may carry ``shard: [id, count]`` (a bad pair is closed with 4010). Each
 session then gets READY's ``guilds``, GUILD_CREATE and every guild event only for the guilds

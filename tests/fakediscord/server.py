@@ -32,6 +32,8 @@ from .gateway import GatewayServer, GatewaySession
 from .openapi import load_spec, path_shape, validate_interaction
 
 API_PREFIX = "/api/v10"
+#: How long a nonce sent with ``enforce_nonce`` stays unique ("the past few minutes").
+NONCE_WINDOW_S = 300.0
 JSON_TYPE = "application/json"
 
 T = TypeVar("T")
@@ -420,6 +422,8 @@ class FakeDiscord:
         self._command_ids: dict[tuple[str | None, str, int], str] = {}
         self._dm_channels: dict[str, str] = {}  # user id -> channel id
         self._rate_limits: list[RateLimitRule] = []
+        self.nonce_window_s = NONCE_WINDOW_S
+        self._nonces: dict[tuple[str, str], tuple[float, str]] = {}  # (author, nonce) -> (when, message id)
         self._component_ids = itertools.count(1)
         # Gateway echoes of messages created inside sync code, sent by the async caller.
         self._pending_events: list[tuple[str, StoredMessage]] = []
@@ -2075,9 +2079,29 @@ class FakeDiscord:
         self._require(channel, P.SEND_MESSAGES)
         if call.files:
             self._require(channel, P.ATTACH_FILES)
-        msg = self._new_message(channel["id"], call.body or {}, call.files, author=self.bot_user, kind="channel")
+        body = call.body or {}
+        key = (self.bot_user["id"], str(body["nonce"])) if body.get("enforce_nonce") and body.get("nonce") else None
+        earlier = self._nonce_message(key)
+        if earlier is not None:
+            return 200, earlier.data  # the same author and nonce: that message, no second one
+        msg = self._new_message(channel["id"], body, call.files, author=self.bot_user, kind="channel")
+        if key is not None:
+            self._nonces[key] = (time.monotonic(), msg.id)
         await self._emit("MESSAGE_CREATE", msg)
         return 200, msg.data
+
+    def _nonce_message(self, key: tuple[str, str] | None) -> StoredMessage | None:
+        """The message created with this author and nonce in the last ``nonce_window_s``
+        (Discord's ``enforce_nonce``); 404 if it was deleted since, as discord.py documents."""
+        if key is None or key not in self._nonces:
+            return None
+        at, message_id = self._nonces[key]
+        if time.monotonic() - at > self.nonce_window_s:
+            return None
+        msg = self._messages[message_id]
+        if msg.deleted:
+            raise _unknown("Message", 10008)
+        return msg
 
     @_route("GET", "/channels/{channel_id}/messages/{message_id}")
     async def _get_message(self, call: _Call) -> tuple[int, Any]:
