@@ -16,6 +16,10 @@ the job here, so progress bars, streamed text, Cancel and Regenerate work as in 
 - A lane with queued jobs and no live worker is logged as a warning, naming the lane.
 - Events missed while the NOTIFY connection was down are made up by re-reading the jobs
   followed here.
+- A job's end is told once here: a job accepted here counts as followed from `submit` on,
+  before its follower subscribes (the caller awaits in between, and a quick job may end on a
+  worker meanwhile), and an end heard after its follower read it from the store is dropped;
+  either would otherwise look like an orphan's end and be delivered a second time.
 """
 
 from __future__ import annotations
@@ -23,10 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from generators.queue import GenerationQueue, JobEvent, LaneState, QueueConfig, QueueError
+from generators.queue import GenerationQueue, JobEvent, LaneState, Listener, QueueConfig, QueueError
 from generators.registry import ModelRegistry
 from generators.tasks import defer, make_app
 from storage.database import AsyncDatabase
@@ -40,6 +46,8 @@ log = logging.getLogger(__name__)
 LANE_CHECK_S = 30.0
 #: How many ended jobs are remembered, so an end heard twice is told once.
 ENDED_MEMORY = 10_000
+#: A job accepted here counts as followed here this long at most before its follower subscribes.
+FOLLOW_GRACE_S = 30.0
 
 
 class DispatchQueue(GenerationQueue):
@@ -58,6 +66,7 @@ class DispatchQueue(GenerationQueue):
         self._warned: set[str] = set()
         self._idle_poll_s = 0.2
         self._ended: dict[int, None] = {}  # insertion-ordered: the oldest is forgotten first
+        self._accepted: dict[int, float] = {}  # accepted here, follower not subscribed yet: since
         self._kinds: dict[int, str] = {}  # the lane of each job known here, while it is active
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -101,17 +110,36 @@ class DispatchQueue(GenerationQueue):
         job.model, job.params = await self.check(job.kind, job.model or None, job.prompt, job.params)
         limit = self.config.max_pending_per_user if enforce_quota else None
         record = await self._db.run(self.store.create_job, job, limit, limits)
+        self._forget_stale_accepted()
+        self._accepted[record.id] = time.monotonic()  # before a worker can see it
+        self._kinds[record.id] = record.kind
         # Written before it is handed on: if this process stops in between, a worker's scan
         # hands it on (`generators.workers`); it is never lost.
         task_id = await defer(self.app, record)
         if task_id is not None:
             await self._db.run(self.store.set_task, record.id, task_id)
             record.task_id = task_id
-        self._kinds[record.id] = record.kind
         self._emit(JobEvent(record.id, "queued", record=record))
         await self._refresh_positions(record.kind, also=record.id)
         self._warn_if_unserved(record.kind)
         return record
+
+    # --- following ---------------------------------------------------------------------------
+    def subscribe(self, job_id: int, listener: Listener) -> Callable[[], None]:
+        self._accepted.pop(job_id, None)  # its follower has it now
+        return super().subscribe(job_id, listener)
+
+    def is_watched(self, job_id: int) -> bool:
+        accepted = self._accepted.get(job_id)
+        if accepted is not None and time.monotonic() - accepted < FOLLOW_GRACE_S:
+            return True
+        return super().is_watched(job_id)
+
+    def _forget_stale_accepted(self) -> None:
+        """Jobs whose follower never came (its caller failed) stop counting as followed."""
+        now = time.monotonic()
+        for job_id in [j for j, since in self._accepted.items() if now - since >= FOLLOW_GRACE_S]:
+            del self._accepted[job_id]
 
     # --- state ----------------------------------------------------------------------------
     def lane_states(self) -> list[LaneState]:
@@ -155,15 +183,28 @@ class DispatchQueue(GenerationQueue):
         return status
 
     # --- events from the workers ------------------------------------------------------------
+    async def watch(self, job_id: int) -> AsyncIterator[JobEvent]:
+        async for event in super().watch(job_id):
+            if event.type == "finished":
+                # Its follower may have read the end from the store before the NOTIFY came:
+                # heard later, it is not told again (to nobody following, it looks an orphan).
+                self._remember_end(job_id)
+            yield event
+
     def _finished(self, record: JobRecord) -> None:
         # A job's end may be heard twice (a cancel published here, then its worker's word).
-        if record.id in self._ended:
-            return
-        self._ended[record.id] = None
-        self._kinds.pop(record.id, None)
+        if self._remember_end(record.id):
+            super()._finished(record)
+
+    def _remember_end(self, job_id: int) -> bool:
+        """Remember that the job's end was told here; False if it already was."""
+        self._kinds.pop(job_id, None)
+        if job_id in self._ended:
+            return False
+        self._ended[job_id] = None
         if len(self._ended) > ENDED_MEMORY:
             del self._ended[next(iter(self._ended))]
-        super()._finished(record)
+        return True
 
     def _on_remote(self, message: dict[str, Any]) -> None:
         job_id = message.get("job")

@@ -25,6 +25,7 @@ from generators.dispatch import DispatchQueue
 from generators.queue import JobEvent
 from generators.registry import ModelRegistry
 from generators.workers import JobWorker
+from storage.events import publish
 from storage.jobs import NewJob
 from tests.scripted import ScriptedGenerator
 
@@ -215,3 +216,32 @@ async def test_local_lanes_run_in_the_bot_process(tmp_path: Path, postgres_url: 
         done = await asyncio.wait_for(bot.queue.wait((await bot.queue.submit(job("here"))).id), 30)
         assert done.status == "succeeded" and painter.calls == [["here"]]
         assert {state.kind: state.alive for state in bot.queue.lane_states()}["image"]
+
+
+@pytest.mark.asyncio
+async def test_a_job_that_ends_before_its_follower_subscribes_is_no_orphan(tmp_path: Path, postgres_url: str) -> None:
+    """Between `submit` and the follower's `watch` the caller awaits (the deferral to Discord):
+    a quick job may end meanwhile. It is still this process's to deliver, not an orphan for
+    `bot.discord.delivery.deliver_orphans` (which would post it a second time)."""
+    async with host(tmp_path, postgres_url, "bot", registry(ScriptedGenerator())) as bot, \
+            host(tmp_path, postgres_url, "worker", registry(Painter())) as other, worker_on(other):
+        orphans: list[int] = []
+        bot.queue.add_listener(lambda event: event.type == "finished" and not bot.queue.is_watched(event.job_id)
+                               and orphans.append(event.job_id))
+        record = await bot.queue.submit(job("quick"))
+        for _ in range(100):  # the job ends before anyone here follows it
+            if (await bot.queue.get(record.id)).final:
+                break
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.3)  # its end is heard here
+        done = await asyncio.wait_for(bot.queue.wait(record.id), 10)
+        assert done.status == "succeeded"
+        # A follower may read a job's end from the store before its NOTIFY comes: heard then, the
+        # end is not told again. (Here no worker runs it: the end is written, then sent.)
+        late = await bot.adb.run(bot.store.create_job, job("late"), None, None)
+        await bot.adb.run(bot.db.execute, "UPDATE jobs SET status = 'succeeded', finished_at = ? WHERE id = ?",
+                          [time.time(), late.id])
+        assert (await asyncio.wait_for(bot.queue.wait(late.id), 10)).status == "succeeded"
+        await bot.adb.run(publish, bot.store.db, {"job": late.id, "type": "finished"})
+        await asyncio.sleep(0.5)
+        assert orphans == []
