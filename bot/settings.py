@@ -73,6 +73,10 @@ class Settings(BaseSettings):
         25.0, gt=0, validation_alias=_env("AIGC_ARTIFACT_MAX_MB"),
         description="The largest result file kept in the database when no folder is shared (MB).",
     )
+    delivery_lease_s: float = Field(
+        30.0, ge=1, le=3600, validation_alias=_env("AIGC_DELIVERY_LEASE_S"),
+        description="A result a bot process claimed to post and died with is posted by another after this long (s).",
+    )
     worker_stall_s: float = Field(
         30.0, ge=1, validation_alias=_env("AIGC_WORKER_STALL_S"),
         description="A worker silent this long (seconds) is presumed dead: its jobs run again elsewhere.",

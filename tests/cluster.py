@@ -38,6 +38,8 @@ ROOT = Path(__file__).resolve().parent.parent
 START_TIMEOUT_S = 90.0
 #: A worker silent this long has its job run elsewhere (short, so a test waits little).
 STALL_S = 3.0
+#: A killed bot's delivery claims hold this long before a restarted bot posts its results.
+DELIVERY_LEASE_S = 5.0
 WORKER_READY = "serving lanes"
 
 
@@ -58,6 +60,7 @@ def host_env(database_url: str, data_dir: Path, extra: Mapping[str, str]) -> dic
     env.update({
         "AIGC_DATABASE_URL": database_url, "AIGC_DATA_DIR": str(data_dir), "AIGC_DEVICE": "cpu",
         "AIGC_WORKER_STALL_S": str(STALL_S), "AIGC_MAX_PENDING_PER_USER": "50",
+        "AIGC_DELIVERY_LEASE_S": str(DELIVERY_LEASE_S),
         "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1",
         # This checkout's code, whichever one the aigcbot script was installed from.

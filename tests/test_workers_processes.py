@@ -19,12 +19,12 @@ from pathlib import Path
 import pytest
 import pytest_asyncio
 
-from tests.cluster import STALL_S, Cluster, slow_diffusion_model
+from tests.cluster import DELIVERY_LEASE_S, STALL_S, Cluster, slow_diffusion_model
 from tests.fakediscord import FakeDiscord
 
-#: How long results claimed by a killed bot may wait for their post: its delivery leases (30 s)
-#: must run out, then a scan (every 10 s) posts them.
-DEAD_CLAIMS_S = 50.0
+#: How long results claimed by a killed bot may wait for their post: its delivery leases must
+#: run out, then a scan (every lease / 3) posts them; with room for a busy machine.
+DEAD_CLAIMS_S = 3 * DELIVERY_LEASE_S + 10
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +100,7 @@ async def test_the_bot_killed_mid_job_and_restarted_loses_nothing_and_posts_noth
     await cluster.wait_for(some_ended, 30, "a job to end while the bot is down")
     await cluster.bot.start()
     assert any(j["status"] in ("queued", "running") for j in await cluster.jobs())
-    # The dead bot's delivery claims must run out (30 s leases) before another process posts.
+    # The dead bot's delivery claims must run out (their leases) before another process posts.
     jobs = await cluster.settle(60, post_timeout=DEAD_CLAIMS_S)
     assert len(jobs) == 6
     cluster.assert_exactly_once(jobs)

@@ -40,7 +40,7 @@ from bot.core.invocation import Form, Invocation
 from bot.core.permissions import is_moderator
 from bot.core.services import Services
 from bot.discord import replies
-from bot.discord.claims import LEASE_S, DeliveryClaims
+from bot.discord.claims import DeliveryClaims
 from bot.discord.delivery import (
     CatalogueButton,
     CatalogueModal,
@@ -124,7 +124,7 @@ class AigcBot(ext_commands.Bot):
     how long a dead process's delivery claims hold (`bot.discord.claims.LEASE_S`)."""
 
     def __init__(self, settings: Settings, build_services: Callable[[discord.Client], Services],
-                 *, delivery_lease_s: float = LEASE_S, **options: Any) -> None:
+                 *, delivery_lease_s: float | None = None, **options: Any) -> None:
         intents = discord.Intents.default()
         intents.message_content = settings.discord_message_content
         super().__init__(command_prefix=ext_commands.when_mentioned, intents=intents, help_command=None,
@@ -136,7 +136,7 @@ class AigcBot(ext_commands.Bot):
         self.metrics = self.services.instruments(DiscordMetrics)
         self._unwatch: Callable[[], None] | None = None
         self.late_post = channel_poster(self, self.services, self.metrics)
-        self.claims = DeliveryClaims(self.services, lease_s=delivery_lease_s)
+        self.claims = DeliveryClaims(self.services, lease_s=delivery_lease_s or settings.delivery_lease_s)
         self._orphans = deliver_orphans(self.services, self.claims)
         build_tree(self.tree, CATALOGUE.for_settings(settings), self.on_command, self.on_complete, self.on_menu)
         self.tree.on_error = self.on_tree_error

@@ -41,7 +41,7 @@ from bot.core.catalogue import Ack, Catalogue, complete, run_command, run_compon
 from bot.core.invocation import Form, Invocation
 from bot.core.permissions import is_moderator
 from bot.core.services import Services
-from bot.discord.claims import LEASE_S, DeliveryClaims
+from bot.discord.claims import DeliveryClaims
 from bot.discord.delivery import (
     NO_MENTIONS,
     TOKEN_LIFETIME_S,
@@ -312,7 +312,7 @@ class InteractionEndpoint:
 
     def __init__(self, services: Services, client: discord.Client, *, catalogue: Catalogue = CATALOGUE,
                  token_window_s: float = TOKEN_LIFETIME_S - TOKEN_MARGIN_S,
-                 delivery_lease_s: float = LEASE_S) -> None:
+                 delivery_lease_s: float | None = None) -> None:
         settings = services.settings
         if not settings.discord_public_key:
             raise ValueError("DISCORD_PUBLIC_KEY is required for the HTTP interactions endpoint")
@@ -324,7 +324,7 @@ class InteractionEndpoint:
         self.role_names = RoleNames(client)
         self.metrics = services.instruments(DiscordMetrics)
         self.late_post = channel_poster(client, services, self.metrics)
-        self.claims = DeliveryClaims(services, lease_s=delivery_lease_s)
+        self.claims = DeliveryClaims(services, lease_s=delivery_lease_s or settings.delivery_lease_s)
         self._stop_orphans: Callable[[], None] | None = None
         self.tasks: set[asyncio.Task[None]] = set()
 
@@ -513,7 +513,7 @@ def http_client(settings: Settings) -> discord.Client:
 
 
 async def start_http(settings: Settings, client: discord.Client, services: Services, *,
-                     force_sync: bool = False, delivery_lease_s: float = LEASE_S) -> InteractionEndpoint:
+                     force_sync: bool = False, delivery_lease_s: float | None = None) -> InteractionEndpoint:
     """Log in over REST, start the queue, register the commands if they changed, start
     delivering results nobody follows."""
     assert settings.discord_token is not None
