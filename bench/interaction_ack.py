@@ -41,7 +41,6 @@ import contextlib
 import gc
 import json
 import os
-import platform
 import sys
 import tempfile
 import time
@@ -53,6 +52,8 @@ from typing import Any
 SCRIPT = Path(__file__).resolve()
 ROOT = SCRIPT.parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench.machine import cpu_name  # noqa: E402  (after the path is set)
 
 PROMPTS = [
     "Write a haiku about rain.",
@@ -78,15 +79,6 @@ class Outcome:
     answered_s: float = 0.0
     lag_ms: list[float] = field(default_factory=list)
     problems: int = 0
-
-
-def cpu_name() -> str:
-    """The CPU model (sessions land on different CPUs: a table says which one measured it)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or "unknown CPU"
 
 
 def percentile(values: list[float], q: float) -> float:

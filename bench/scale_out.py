@@ -37,6 +37,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_name  # noqa: E402  (after the path is set)
 from tests import postgres_server as pg  # noqa: E402
 from tests.cluster import Cluster, slow_diffusion_model  # noqa: E402
 from tests.fakediscord import FakeDiscord  # noqa: E402
@@ -44,14 +45,6 @@ from tests.fakediscord import FakeDiscord  # noqa: E402
 MEMBERS = 4
 #: The killed bot's delivery claims (30 s leases) run out before another process posts them.
 DEAD_CLAIMS_S = 50.0
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
-    except OSError:
-        return "unknown CPU"
 
 
 def percentile(values: list[float], q: float) -> float:

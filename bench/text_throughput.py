@@ -34,6 +34,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench.machine import cpu_name  # noqa: E402  (after the path is set)
+
 SYSTEM = "You are a friendly, concise assistant in a Discord server."  # the bot's default
 NAIVE_MAX_USERS = 8  # one request after another: more users only take longer, at the same rate
 PROMPTS = [
@@ -375,14 +377,6 @@ def run_child(section: str, args: argparse.Namespace) -> dict[str, Any]:
     if proc.returncode != 0:
         raise SystemExit(f"section {section} failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "unknown CPU")
-    except OSError:
-        return "unknown CPU"
 
 
 def main() -> None:

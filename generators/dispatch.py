@@ -95,13 +95,8 @@ class DispatchQueue(GenerationQueue):
         self._started = False
 
     # --- submitting -----------------------------------------------------------------------
-    async def check(self, kind: str, model: str | None, prompt: str, params: dict[str, Any]
-                    ) -> tuple[str, dict[str, Any]]:
-        if kind not in self.config.lanes:
-            raise QueueError(f"{kind} generation is not available")
-        generator = self.registry.get(kind, model)
-        checked = await asyncio.to_thread(generator.check, prompt, params)
-        return self.registry.model_name(kind, model), checked
+    def _offers(self, kind: str) -> bool:
+        return kind in self.config.lanes  # run by a worker, whichever
 
     async def submit(self, job: NewJob, *, enforce_quota: bool = True,
                      limits: JobLimits | None = None) -> JobRecord:

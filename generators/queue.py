@@ -339,11 +339,15 @@ class GenerationQueue:
     async def check(self, kind: str, model: str | None, prompt: str, params: dict[str, Any]
                     ) -> tuple[str, dict[str, Any]]:
         """Validate a request without queueing it: (model name, normalised params)."""
-        if kind not in self._lanes and self._started:
+        if not self._offers(kind):
             raise QueueError(f"{kind} generation is not available")
         generator = self.registry.get(kind, model)
         checked = await asyncio.to_thread(generator.check, prompt, params)
         return self.registry.model_name(kind, model), checked
+
+    def _offers(self, kind: str) -> bool:
+        """Whether jobs of this kind are taken (before the start, any kind is)."""
+        return kind in self._lanes or not self._started
 
     async def submit(self, job: NewJob, *, enforce_quota: bool = True,
                      limits: JobLimits | None = None) -> JobRecord:

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -36,24 +36,10 @@ from storage.database import AsyncDatabase, Database, open_database
 from storage.jobs import SqlJobStore
 from storage.privacy import PrivacyStore
 from tests.scripted import ScriptedGenerator
+from tests.test_schedules import Clock
 
 ROOT = Path(__file__).resolve().parent.parent
 DAY = 86400.0
-
-
-def ts(text: str) -> float:
-    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
-
-
-class Clock:
-    def __init__(self, text: str) -> None:
-        self.now = ts(text)
-
-    def __call__(self) -> float:
-        return self.now
-
-    def set(self, text: str) -> None:
-        self.now = ts(text)
 
 
 # --- the store ------------------------------------------------------------------------------
