@@ -1,7 +1,7 @@
 """The store a test runs on: the SQLite file, and PostgreSQL (the contract: both behave alike).
 
-`db_target` is what `storage.database.open_database` opens; tests parametrized with
-`both_stores` run once on each. PostgreSQL comes from the `postgres_url` fixture (a fresh,
+`db_target` is what `storage.database.open_database` opens; a test that takes it runs once
+on each. PostgreSQL comes from the `postgres_url` fixture (a fresh,
 empty database per test on the session's throwaway server).
 """
 
