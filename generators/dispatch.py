@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-from generators.queue import GenerationQueue, JobEvent, LaneState, Listener, QueueConfig, QueueError
+from generators.queue import GenerationQueue, JobEvent, LaneState, Listener, QueueConfig, QueueError, write_file
 from generators.registry import ModelRegistry
 from generators.tasks import defer, make_app
 from storage.database import AsyncDatabase
@@ -150,12 +150,12 @@ class DispatchQueue(GenerationQueue):
                                     max((w.heartbeat_at for w in serving), default=0.0)))
         return states
 
-    def position(self, job_id: int) -> int | None:
-        """A followed job's place as last told; any other job's read from the store (a quick
-        indexed query: PostgreSQL's pool serves any thread)."""
-        if job_id in self._positions:
-            return self._positions[job_id]
-        return self.store.position(job_id)
+    async def active_jobs(self, requester: str) -> list[JobRecord]:
+        """A member's queued and running jobs, their places read across every process (so
+        `position` answers for jobs followed elsewhere too)."""
+        records = await super().active_jobs(requester)
+        self._positions.update(await self._db.run(self.store.positions, [r.id for r in records]))
+        return records
 
     async def drain(self) -> None:
         """Wait until no job is queued or running anywhere."""
@@ -237,7 +237,7 @@ class DispatchQueue(GenerationQueue):
                 continue
             path = self.config.artifacts_dir / str(record.id) / Path(artifact.path).name
             if not path.exists():
-                await asyncio.to_thread(_write, path, data)
+                await asyncio.to_thread(write_file, path, data)
             artifact.path = str(path)
 
     def _resync(self) -> None:
@@ -258,11 +258,8 @@ class DispatchQueue(GenerationQueue):
         """Tell the followers of this lane's queued jobs their new places."""
         job_ids = [j for j in {*self._listeners, *([also] if also else [])}
                    if self._positions.get(j) != 0 and self._kinds.get(j, kind) == kind]
-        for job_id in job_ids:
-            position = await self._db.run(self.store.position, job_id)
-            if position is None or position == 0:
-                continue
-            if self._positions.get(job_id) != position:
+        for job_id, position in (await self._db.run(self.store.positions, job_ids)).items():
+            if position and self._positions.get(job_id) != position:
                 self._positions[job_id] = position
                 self._emit(JobEvent(job_id, "position", position=position))
 
@@ -295,11 +292,5 @@ class DispatchQueue(GenerationQueue):
                         " `aigcbot worker --lanes %s` (or set AIGC_LOCAL_LANES)", lane, queued, lane,
                         extra={"lane": lane})
 
-
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(path.name + ".partial")
-    partial.write_bytes(data)
-    partial.replace(path)
 
 

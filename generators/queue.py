@@ -99,6 +99,14 @@ def lower_thread_priority(nice: int) -> None:
         log.debug("could not lower the model thread's priority: %s", exc)
 
 
+def write_file(path: Path, data: bytes) -> None:
+    """Write a result's file: it is either complete or absent, never half-written."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(path.name + ".partial")
+    partial.write_bytes(data)
+    partial.replace(path)
+
+
 class QueueError(Exception):
     """A request the queue refuses; the message is for the user."""
 
@@ -717,11 +725,8 @@ class GenerationQueue:
         folder = self.config.artifacts_dir / str(job_id)
         artifacts = []
         for output in outputs:
-            folder.mkdir(parents=True, exist_ok=True)
             path = folder / Path(output.filename).name
-            partial = path.with_name(path.name + ".partial")
-            partial.write_bytes(output.data)
-            partial.replace(path)  # a file is either complete or absent
+            write_file(path, output.data)
             artifacts.append(Artifact(path=str(path), mime=output.mime, size=len(output.data),
                                       sha256=hashlib.sha256(output.data).hexdigest(),
                                       data=output.data if self.config.artifacts_in_database else None))
@@ -819,5 +824,5 @@ class GenerationQueue:
 
 __all__ = [
     "LANES", "GenerationQueue", "JobEvent", "JobLimits", "JobNotFound", "LaneState", "LimitReached", "QueueConfig",
-    "QueueError", "QuotaExceeded", "job_log_fields",
+    "QueueError", "QuotaExceeded", "job_log_fields", "write_file",
 ]

@@ -380,24 +380,22 @@ class SqlJobStore:
                 "SELECT id, attempts, worker, heartbeat_at FROM jobs WHERE status='running'"
             ).fetchall()
             for job_id, attempts, worker, heartbeat_at in rows:
-                if not is_dead(worker, heartbeat_at):
-                    continue
-                if attempts >= max_attempts:
-                    self.db.execute(
-                        "UPDATE jobs SET status='failed', finished_at=?, error=? WHERE id=?",
-                        [self.clock(),
-                         f"interrupted {attempts} time(s) (the worker stopped mid-job); giving up",
-                         job_id],
-                    )
-                    failed.append(job_id)
-                else:
-                    self.db.execute(
-                        "UPDATE jobs SET status='queued', worker=NULL,"
-                        " error='interrupted; queued again' WHERE id=?",
-                        [job_id],
-                    )
-                    requeued.append(job_id)
+                if is_dead(worker, heartbeat_at):
+                    again = self._rerun_or_fail(job_id, attempts, max_attempts)
+                    (requeued if again else failed).append(job_id)
         return requeued, failed
+
+    def _rerun_or_fail(self, job_id: int, attempts: int, max_attempts: int) -> bool:
+        """A running job whose worker is gone: queued again (True), or failed once it has had
+        ``max_attempts``. Call inside a write transaction."""
+        if attempts >= max_attempts:
+            self.db.execute(
+                "UPDATE jobs SET status='failed', finished_at=?, error=? WHERE id=?",
+                [self.clock(), f"interrupted {attempts} time(s) (the worker stopped mid-job); giving up", job_id])
+            return False
+        self.db.execute("UPDATE jobs SET status='queued', worker=NULL, error='interrupted; queued again' WHERE id=?",
+                        [job_id])
+        return True
 
     # --- delivery: a finished job reaches Discord once, whichever process posts it ---------
     # A claim (delivered_by, delivery_claimed_at) says which process may post a job's result;
@@ -601,15 +599,19 @@ class SqlJobStore:
 
     def position(self, job_id: int) -> int | None:
         """1-based place of a queued job in its lane across every process; 0 while running."""
-        row = self.db.execute("SELECT kind, status, lane_rank FROM jobs WHERE id=?", [job_id]).fetchone()
-        if row is None or row[1] not in ACTIVE:
-            return None
-        if row[1] == "running":
-            return 0
-        ahead = self.db.execute(
-            "SELECT count(*) FROM jobs WHERE kind=? AND status='queued'"
-            " AND (lane_rank > ? OR (lane_rank = ? AND id < ?))", [row[0], row[2], row[2], job_id]).fetchone()[0]
-        return int(ahead) + 1
+        return self.positions([job_id]).get(job_id)
+
+    def positions(self, job_ids: Iterable[int]) -> dict[int, int]:
+        """`position` of each active job among these, in one query (ended jobs are left out)."""
+        ids = list(job_ids)
+        if not ids:
+            return {}
+        rows = self.db.execute(
+            "SELECT j.id, CASE WHEN j.status='running' THEN 0 ELSE 1 + (SELECT count(*) FROM jobs o"
+            " WHERE o.kind=j.kind AND o.status='queued' AND (o.lane_rank > j.lane_rank"
+            " OR (o.lane_rank = j.lane_rank AND o.id < j.id))) END"
+            f" FROM jobs j WHERE j.id IN ({_marks(ids)}) AND j.status IN ('queued','running')", ids).fetchall()
+        return {int(job_id): int(place) for job_id, place in rows}
 
     def lane_counts(self) -> dict[str, tuple[int, int]]:
         """Queued and running jobs per kind, across every process."""
@@ -635,14 +637,7 @@ class SqlJobStore:
             status, attempts = row
             if status != "running":
                 return str(status)
-            if attempts >= max_attempts:
-                self.db.execute(
-                    "UPDATE jobs SET status='failed', finished_at=?, error=? WHERE id=?",
-                    [self.clock(), f"interrupted {attempts} time(s) (its worker stopped mid-job); giving up", job_id])
-                return "failed"
-            self.db.execute("UPDATE jobs SET status='queued', worker=NULL, error='interrupted; queued again'"
-                            " WHERE id=?", [job_id])
-            return "requeued"
+            return "requeued" if self._rerun_or_fail(job_id, attempts, max_attempts) else "failed"
 
     # --- helpers --------------------------------------------------------------------------
     def _jobs_since(self, requester: str, guild: str | None, kind: str, since: float) -> int:
