@@ -1,7 +1,7 @@
 """Image jobs on worker processes: does a second worker double the rate, and does a SIGKILL lose
 or duplicate anything? (a script, not a test)
 
-    .venv/bin/python bench/scale_out.py                  # full run (several minutes)
+    .venv/bin/python bench/scale_out.py                  # full run (about 15 minutes)
     .venv/bin/python bench/scale_out.py --quick          # 1 repeat, 2 kill runs of each kind
 
 Everything is real and local (tests/cluster.py): a throwaway PostgreSQL (tests/postgres_server.py),
@@ -13,8 +13,12 @@ Sections:
   throughput  --jobs image jobs from 4 members, all sent at once, on 1 and on 2 workers,
               alternated (1, 2, 1, 2 …), best of --repeat: jobs/s (first accepted to last
               finished) and p50/p95 of the wait from accepted to started and to finished.
-              The model (--model): ``face`` (packaged DCGAN, 4 faces per job) or ``diffusion``
-              (a tiny random diffusers pipeline, ``tests/tiny_diffusion.py``, about 0.4 s a job).
+              The model (--model): ``diffusion-large`` (the default: a small random diffusers
+              pipeline, ``tests/tiny_diffusion.py`` with a 64-wide UNet on 32×32 latents, 30
+              steps, about 3 s a job on one thread: the kind of job one adds workers for),
+              ``diffusion`` (the same, 32 wide on 16×16 latents, about 0.4 s a job) or ``face``
+              (the packaged DCGAN, 4 faces per job, about 0.1 s): the shorter the job, the larger
+              the share of the per-job work (Discord, the bot, PostgreSQL) that shares these cores.
   kills       --kills runs of each: a worker SIGKILLed mid-job (the other one finishes it); the
               bot SIGKILLed mid-job, at least one job finishing while it is down, then started
               again. Jobs here use the slow pipeline (about 3 s, tests/cluster.py), so the kill
@@ -85,10 +89,11 @@ class Bench:
     async def throughput(self, workers: int) -> dict[str, Any]:
         async with FakeDiscord() as fake:
             model = self.quick_diffusion if self.args.model == "diffusion" else self.slow
+            kind = "face" if self.args.model == "face" else "diffusion"
             cluster, name, root = await self.cluster(fake, workers, model)
             try:
                 members = cluster.add_members(MEMBERS)
-                options = {"model": self.args.model, **({"count": 4} if self.args.model == "face" else {})}
+                options = {"model": kind, **({"count": 4} if self.args.model == "face" else {})}
                 # Warm-up: every worker loads the model once (not timed).
                 await asyncio.gather(*(cluster.imagine(members[0], f"warm-up {n}", **options)
                                        for n in range(2 * workers)))
@@ -179,8 +184,9 @@ async def run(args: argparse.Namespace) -> None:
     models = Path(tempfile.mkdtemp(prefix="aigc-scale-models-"))
     try:
         bench = Bench(server, models, args)
-        what = ("the packaged face model, 4 faces per job" if args.model == "face"
-                else "a tiny diffusers pipeline (30 steps)")
+        what = {"face": "the packaged face model, 4 faces per job",
+                "diffusion": "a tiny diffusers pipeline, 16×16 latents, 30 steps",
+                "diffusion-large": "a small diffusers pipeline, 32×32 latents, 30 steps"}[args.model]
         print(f"{cpu_name()}, {os.cpu_count()} CPU threads. {args.jobs} image jobs ({what}) from {MEMBERS} members "
               f"sent at once; bot and workers as processes, one torch thread each, PostgreSQL "
               f"{server.admin_url.split('@')[-1].split('/')[0]}; best of {args.repeat}, 1 and 2 workers alternated\n")
@@ -232,7 +238,8 @@ async def run(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--jobs", type=int, default=24, help="image jobs per throughput run (default 24)")
-    parser.add_argument("--model", choices=("face", "diffusion"), default="face")
+    parser.add_argument("--model", choices=("diffusion-large", "diffusion", "face"),
+                        default="diffusion-large")
     parser.add_argument("--repeat", type=int, default=3,
                         help="throughput runs of each worker count, best kept (0: no throughput runs)")
     parser.add_argument("--kills", type=int, default=5, help="runs of each SIGKILL scenario (0: none)")
