@@ -11,13 +11,16 @@
   Torch dynamic int8 is fast but ruins a 135M model (next-token agreement with fp32 < 50 %),
   so it is never the default. ``fp16-weights`` is the default on x86: every Linear's weight
   is stored in fp16 and packed once for fbgemm, the math stays fp32 (agreement 100 %, same
-  perplexity). A decode step streams every weight once, and fbgemm's packed fp16 streams
-  them fastest: 1.8× fp32 on an AVX2-only CPU, and 1.6-1.8× bf16 on an AMD EPYC with native
-  bf16 (AVX512-BF16), whose oneDNN bf16 matmul streams ~11 GB/s for 8 rows of the 26 GB/s the
-  memory gives (batch-8 generate 184 vs 104 tokens/s; our decode loop ~33 vs ~48 ms a step).
-  bf16 (agreement ~98 %) stays the default only with AMX, whose tile units should make bf16
-  matrix products the fastest path (not measured: no AMX machine was at hand), and on CPUs
-  without fbgemm (ARM) that compute bf16 natively.
+  perplexity). A decode step of a few rows streams every weight once, and fbgemm's packed
+  fp16 streams them fastest: 1.8× fp32 on an AVX2-only CPU, and 1.6-1.8× bf16 on an AMD EPYC
+  with native bf16 (AVX512-BF16), whose oneDNN bf16 matmul streams ~11 GB/s for 8 rows of the
+  26 GB/s the memory gives (batch-8 generate 184 vs 104 tokens/s; our decode loop ~33 vs ~48
+  ms a step). With many rows in one pass (a prefill, a batch of ~30) the work is compute-bound
+  and fbgemm's fp32 math is the slower one, so on a CPU with native bf16 each layer also keeps
+  a bf16 copy of its weight for passes of ``BF16_FROM_ROWS`` rows or more (activations stay
+  fp32; see `PackedFp16Linear`). bf16 everywhere (agreement ~98 %) stays the default only with
+  AMX, whose tile units should make bf16 matrix products the fastest path (not measured: no
+  AMX machine was at hand), and on CPUs without fbgemm (ARM) that compute bf16 natively.
 - ``none`` is always selectable: fp32 works everywhere.
 """
 
@@ -170,16 +173,28 @@ def apply_after_load(model: torch.nn.Module, mode: str, device: str) -> torch.nn
     return model
 
 
+#: From this many rows in one pass (tokens: a decode step's batch, or a prefill's prompt
+#: tokens), a layer with a bf16 copy multiplies in bf16 (oneDNN) rather than with fbgemm's fp16
+#: kernel. Measured on an AMD EPYC with AVX512-BF16, SmolLM2-135M decode steps of the engine:
+#: 24 rows 72 ms with fbgemm vs 93 ms in bf16; 28 rows 90 vs 77; 32 rows 92-104 vs 77-82.
+BF16_FROM_ROWS = 28
+
+
 class PackedFp16Linear(torch.nn.Linear):
     """A Linear whose weight is stored in fp16 and packed once for fbgemm; activations and
     accumulation stay fp32. It is still an ``nn.Linear`` (``compute_dtype`` fp32), so LoRA
-    adapters (peft) wrap it like any other layer and keep their own weights in fp32."""
+    adapters (peft) wrap it like any other layer and keep their own weights in fp32.
+
+    With ``bf16`` (a CPU with native bf16), passes of ``BF16_FROM_ROWS`` rows or more multiply
+    the bf16-rounded input with a bf16 copy of the weight instead, accumulating in fp32; the
+    output is fp32 again, so norms, attention and sampling never see bf16."""
 
     compute_dtype = torch.float32
     packed: Any
+    bf16: torch.Tensor | None
 
     @classmethod
-    def from_linear(cls, linear: torch.nn.Linear) -> PackedFp16Linear:
+    def from_linear(cls, linear: torch.nn.Linear, *, bf16: bool = False) -> PackedFp16Linear:
         layer = cls.__new__(cls)
         torch.nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
@@ -189,6 +204,7 @@ class PackedFp16Linear(torch.nn.Linear):
         layer.bias = None if linear.bias is None else torch.nn.Parameter(linear.bias.detach().float(),
                                                                          requires_grad=False)
         layer.packed = torch.ops.quantized.linear_prepack_fp16(weight, layer.bias)
+        layer.bf16 = weight.bfloat16() if bf16 else None
         return layer
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -196,20 +212,27 @@ class PackedFp16Linear(torch.nn.Linear):
             # Gradients or another dtype: the plain path, on the fp16 weight widened.
             return torch.nn.functional.linear(x, self.weight.to(x.dtype),
                                               None if self.bias is None else self.bias.to(x.dtype))
+        if self.bf16 is not None and x.numel() >= BF16_FROM_ROWS * self.in_features:
+            out = torch.nn.functional.linear(x.bfloat16(), self.bf16).float()
+            return out if self.bias is None else out + self.bias
         return torch.ops.quantized.linear_dynamic_fp16(x, self.packed)
 
     def packed_bytes(self) -> int:
         """The packed copy's size before fbgemm's padding (measured: up to 1.8× more for
-        576-wide inputs), so a lower bound."""
-        return self.weight.numel() * 2 + (0 if self.bias is None else self.bias.numel() * 4)
+        576-wide inputs), so a lower bound, plus the bf16 copy."""
+        bf16 = 0 if self.bf16 is None else self.bf16.numel() * 2
+        return self.weight.numel() * 2 + (0 if self.bias is None else self.bias.numel() * 4) + bf16
 
 
-def pack_fp16_weights(model: torch.nn.Module) -> None:
-    """Replace every ``nn.Linear`` of ``model`` (in place) with a ``PackedFp16Linear``."""
+def pack_fp16_weights(model: torch.nn.Module, *, bf16: bool | None = None) -> None:
+    """Replace every ``nn.Linear`` of ``model`` (in place) with a ``PackedFp16Linear``, each
+    with a bf16 copy for many rows when ``bf16`` (default: when the CPU has native bf16)."""
+    if bf16 is None:
+        bf16 = cpu_has_native_bf16()
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if type(child) is torch.nn.Linear:
-                setattr(parent, name, PackedFp16Linear.from_linear(child))
+                setattr(parent, name, PackedFp16Linear.from_linear(child, bf16=bf16))
     # What is left (embeddings, norms) may still live in the memory-mapped checkpoint, whose
     # pages the packing just read: own copies let the whole mapping go.
     with torch.no_grad():
@@ -220,7 +243,7 @@ def pack_fp16_weights(model: torch.nn.Module) -> None:
 
 
 def packed_bytes(model: torch.nn.Module) -> int:
-    """Memory held by packed fp16 copies (not counted by ``get_memory_footprint``)."""
+    """Memory held by packed fp16 copies and bf16 copies (not counted by ``get_memory_footprint``)."""
     return sum(m.packed_bytes() for m in model.modules() if isinstance(m, PackedFp16Linear))
 
 

@@ -53,13 +53,33 @@ def test_packing_keeps_the_model_and_its_tied_weights(tiny_model_dir: Path) -> N
     assert linears and all(isinstance(m, quantization.PackedFp16Linear) for m in linears)
     assert model.model.embed_tokens.weight.dtype == torch.float32  # the tied table stays exact
     assert torch.equal(model.model.embed_tokens.weight, reference.model.embed_tokens.weight)
-    ids = torch.randint(0, reference.config.vocab_size, (3, 17))
+    rows = quantization.BF16_FROM_ROWS - 1  # fewer tokens in the pass: fbgemm's fp16 kernel
+    ids = torch.randint(0, reference.config.vocab_size, (1, rows))
     expected, got = _logits(reference, ids), _logits(model, ids)
     assert not torch.equal(expected, got)  # the packed kernel really ran (fp16 rounding)
     assert (expected - got).abs().max() < 0.01 * expected.abs().max()  # fp16 weights: ~3 digits
     assert (expected.argmax(-1) == got.argmax(-1)).float().mean() > 0.95
-    assert quantization.packed_bytes(model) == sum(m.weight.numel() * 2 for m in linears)
+    copies = 2 if quantization.cpu_has_native_bf16() else 1  # fp16, and bf16 where the CPU has it
+    assert quantization.packed_bytes(model) == sum(m.weight.numel() * 2 * copies for m in linears)
     assert all(m.weight.dtype == torch.float16 and not m.weight.requires_grad for m in linears)
+
+
+def test_many_rows_multiply_with_the_bf16_copy_and_few_with_fbgemm() -> None:
+    linear = torch.nn.Linear(64, 32)
+    hybrid = quantization.PackedFp16Linear.from_linear(linear, bf16=True)
+    fp16_only = quantization.PackedFp16Linear.from_linear(linear, bf16=False)
+    assert hybrid.bf16 is not None and hybrid.bf16.dtype == torch.bfloat16 and fp16_only.bf16 is None
+    few = torch.randn(quantization.BF16_FROM_ROWS - 1, 64)
+    many = torch.randn(2, quantization.BF16_FROM_ROWS // 2, 64)  # rows counted over every leading dim
+    with torch.inference_mode():
+        assert torch.equal(hybrid(few), fp16_only(few))
+        got = hybrid(many)
+        bf16 = torch.nn.functional.linear(many.bfloat16(), linear.weight.bfloat16()).float() + linear.bias
+        assert got.dtype == torch.float32 and torch.equal(got, bf16)  # the bias added in fp32
+        assert not torch.equal(got, fp16_only(many))
+        exact = linear(many)
+        assert (got - exact).abs().max() < 0.02 * exact.abs().max()
+    assert hybrid.packed_bytes() == fp16_only.packed_bytes() + 64 * 32 * 2
 
 
 def test_gradients_flow_through_the_plain_path() -> None:
@@ -79,9 +99,10 @@ def test_generator_in_fp16_weights_mode_answers_like_fp32(tiny_model_dir: Path) 
     fp32.load()
     packed.load()
     assert packed.mode == "fp16-weights"
-    # fp16 weights plus their packed fp16 copies (counted) take no more room than fp32
+    # fp16 weights plus their packed fp16 copies (counted) take no more room than fp32; the bf16
+    # copies for many rows, where the CPU has native bf16, add half as much again
     assert quantization.packed_bytes(packed.model) > 0
-    assert packed.memory_bytes() <= fp32.memory_bytes()
+    assert packed.memory_bytes() <= (1.5 if quantization.cpu_has_native_bf16() else 1) * fp32.memory_bytes()
     text = fp32.generate([Request(job_id=1, prompt="hello there", params=params)])[0].text
     assert packed.generate([Request(job_id=2, prompt="hello there", params=params)])[0].text == text
 
