@@ -23,6 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from generators import quantization
 from generators.base import Feed, Generator, GeneratorError, ListFeed, Request, Result
+from generators.decode_attention import use_decode_attention
 from generators.model_source import ModelSource, resolve_text_model
 from generators.sampling import check_params
 from generators.text_batch import Row, RunningBatch, StreamDecoder
@@ -111,6 +112,7 @@ class TextGenerator(Generator):
                 loaded = None  # freed before loading again in this mode
         tokenizer, model = loaded or self._read(location, gguf, kwargs)
         model = quantization.apply_after_load(model, self.mode, self.device)
+        use_decode_attention(model)
         model.eval()
         tokenizer.padding_side = "left"  # decoder-only: new tokens line up on the right
         if tokenizer.pad_token is None:

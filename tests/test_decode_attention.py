@@ -1,0 +1,62 @@
+"""The CPU decode-step attention gives sdpa's answers, and only decode steps take it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from generators import decode_attention
+from generators.base import Request
+from generators.text_batch import Row, RunningBatch
+
+
+def _decode(model: Any, tokenizer: Any, steps: int = 6) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Greedy tokens and logits of a batch of prompts of different lengths (so rows are padded)."""
+    batch = RunningBatch(model, int(tokenizer.pad_token_id))
+    prompts = ["hi", "a longer prompt here", "mid size"]
+    rows = [Row.for_request(Request(job_id=i, prompt=p, params={"temperature": 0.0}),
+                            tokenizer(p, add_special_tokens=False).input_ids) for i, p in enumerate(prompts)]
+    tokens, logits = [], []
+    with torch.inference_mode():
+        batch.join(rows)
+        for _ in range(steps):
+            logits.append(batch.logits.clone())
+            chosen = batch.sample()
+            tokens.append(chosen)
+            batch.advance(chosen, list(range(len(rows))))
+    return tokens, logits
+
+
+def test_decode_steps_match_sdpa_and_prefill_stays_on_sdpa(tiny_model_dir: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped queries
+    assert model.config._attn_implementation == "sdpa"
+    expected_tokens, expected_logits = _decode(model, tokenizer)
+
+    delegated: list[int] = []
+    real = decode_attention.sdpa_attention_forward
+
+    def spy(module: Any, query: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        delegated.append(query.shape[2])
+        return real(module, query, *args, **kwargs)
+
+    monkeypatch.setattr(decode_attention, "sdpa_attention_forward", spy)
+    assert decode_attention.use_decode_attention(model)
+    assert model.config._attn_implementation == decode_attention.NAME
+    tokens, logits = _decode(model, tokenizer)
+    assert tokens == expected_tokens
+    for got, want in zip(logits, expected_logits, strict=True):
+        assert torch.allclose(got, want, atol=1e-4)
+    assert delegated and all(length > 1 for length in delegated)  # prefill only: every decode step ran here
+
+
+def test_other_attention_choices_are_left_alone(tiny_model_dir: Path) -> None:
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, attn_implementation="eager")
+    assert not decode_attention.use_decode_attention(model)
+    assert model.config._attn_implementation == "eager"
