@@ -57,7 +57,7 @@ from jobs.live_scheduler import LiveScheduler
 from storage.app_state import StateStore, slot_key, this_process
 from storage.community import CommunityStore, Snapshot, Version
 from storage.database import AsyncDatabase
-from storage.jobs import JobRecord, NewJob
+from storage.jobs import JobBusy, JobRecord, NewJob
 
 log = logging.getLogger(__name__)
 
@@ -355,16 +355,12 @@ class NightlyTrainer(LiveScheduler):
         self._zones: dict[str, str] = {}
         self.claims = claims if claims is not None else StateStore(store.db)
         self.claimant = claimant or this_process()
-        # "Is one queued or running?" then submit, as one step in this process (a moderator's
-        # retrain and the nightly run); which process runs a night is decided by the slot claim.
-        self._lock = asyncio.Lock()
 
     # --- on demand ------------------------------------------------------------------------
     async def submit(self, guild: str, modality: str, *, requester: str, source: str,
                      max_seconds: float | None = None) -> JobRecord:
         """Queue a training run now; TrainingBusy if one for this server and modality is pending."""
-        async with self._lock:
-            return await self._submit(guild, modality, requester, source, max_seconds)
+        return await self._submit(guild, modality, requester, source, max_seconds)
 
     async def _submit(self, guild: str, modality: str, requester: str, source: str,
                       max_seconds: float | None) -> JobRecord:
@@ -372,8 +368,9 @@ class NightlyTrainer(LiveScheduler):
             raise GeneratorError("this process has no generation queue")
         if modality not in MODALITIES:
             raise GeneratorError(f"modality must be one of {', '.join(MODALITIES)}")
+        busy = f"a {modality} training run for this server is already queued or running"
         if await self.db.run(self.store.training_active, guild, modality):
-            raise TrainingBusy(f"a {modality} training run for this server is already queued or running")
+            raise TrainingBusy(busy)
         # Refused before any job is written: a run with too little data could only fail.
         approved = len((await self.db.run(self.store.snapshot, guild, modality)).items)
         if approved < self.min_items.get(modality, 1):
@@ -383,9 +380,15 @@ class NightlyTrainer(LiveScheduler):
         seconds = max_seconds or self.max_seconds
         if seconds:
             params["max_seconds"] = seconds
+        # The key makes "none queued or running, then submit" one step in the store, whichever
+        # bot process (a moderator's retrain, a nightly run) submits.
         job = NewJob(kind="training", model=TRAINING_MODEL, prompt=f"fine-tune the {modality} model",
-                     requester=requester, source=source, guild=guild, params=params, priority=self.priority)
-        return await self.queue.submit(job, enforce_quota=False)
+                     requester=requester, source=source, guild=guild, params=params, priority=self.priority,
+                     exclusive=f"training:{guild}:{modality}")
+        try:
+            return await self.queue.submit(job, enforce_quota=False)
+        except JobBusy:
+            raise TrainingBusy(busy) from None
 
     async def rollback(self, guild: str, modality: str, to: int | None = None) -> Version | None:
         """Serve the previous version (or version ``to``; 0 = the base model) from now on."""
@@ -433,8 +436,7 @@ class NightlyTrainer(LiveScheduler):
                                   modality, guild, key)
                         continue
                     try:
-                        async with self._lock:
-                            entry.record = await self._submit(guild, modality, f"nightly:{guild}", "schedule", None)
+                        entry.record = await self._submit(guild, modality, f"nightly:{guild}", "schedule", None)
                     except GeneratorError as exc:  # TrainingBusy included
                         entry.note = str(exc)
                     finally:

@@ -58,6 +58,10 @@ class JobNotFound(Exception):
     """No job with that id (or not one the caller may see)."""
 
 
+class JobBusy(Exception):
+    """A queued or running job already holds the new job's ``exclusive`` key."""
+
+
 @dataclass
 class NewJob:
     """What a caller asks for; validated before it reaches the store."""
@@ -72,6 +76,9 @@ class NewJob:
     params: dict[str, Any] = field(default_factory=dict)
     delivery: dict[str, Any] = field(default_factory=dict)
     priority: int = 0
+    #: At most one queued or running job holds this key (e.g. a server's training run of one
+    #: modality): `SqlJobStore.create_job` refuses another with JobBusy, in the insert's transaction.
+    exclusive: str | None = None
 
 
 @dataclass
@@ -194,18 +201,24 @@ class SqlJobStore:
                    limits: JobLimits | None = None) -> JobRecord:
         """Insert a queued job. With max_pending or limits, refuse (LimitReached, a
         QuotaExceeded) in the same transaction as the insert, so racing requests of one
-        member cannot both slip under a limit. ``limits.max_pending`` overrides max_pending."""
+        member cannot both slip under a limit. ``limits.max_pending`` overrides max_pending.
+        A job with an ``exclusive`` key another queued or running job holds raises JobBusy."""
         if limits is not None and limits.max_pending is not None:
             max_pending = limits.max_pending
         with immediate(self.db):
             now = self.clock()
             self._check(job.requester, job.guild, job.kind, max_pending, limits, now)
+            if job.exclusive is not None and self.db.execute(
+                    "SELECT 1 FROM jobs WHERE exclusive=? AND status IN ('queued','running') LIMIT 1",
+                    [job.exclusive]).fetchone() is not None:
+                raise JobBusy(job.exclusive)
             cursor = self.db.execute(
                 "INSERT INTO jobs (kind, model, source, requester, guild, channel, prompt,"
-                " params, delivery, priority, lane_rank, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                " params, delivery, priority, lane_rank, exclusive, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
                 [job.kind, job.model, job.source, job.requester, job.guild, job.channel,
                  job.prompt, json.dumps(job.params), json.dumps(job.delivery), job.priority,
-                 self._lane_rank(job), now],
+                 self._lane_rank(job), job.exclusive, now],
             )
             job_id = int(cursor.fetchone()[0])
         return self.get(job_id)

@@ -303,6 +303,12 @@ SCHEMA: tuple[Migration, ...] = (
         )
         """,
     )),
+    # At most one queued or running job per key (a server's training run of one modality),
+    # checked in the insert's transaction, so two bot processes cannot both submit one.
+    Migration("0010_exclusive_jobs", (
+        "ALTER TABLE jobs ADD COLUMN exclusive TEXT",
+        "CREATE INDEX jobs_exclusive ON jobs (exclusive, status)",
+    )),
 )
 
 

@@ -289,3 +289,26 @@ async def test_a_night_busy_with_a_manual_run_is_retried_later_that_night(night:
     assert len(later) == 1 and later[0].slot == datetime.fromisoformat("2025-03-01T03:00:00+00:00")
     await _settle(night, later)
     assert night.jobs() == [("111", "text"), ("111", "text")]
+
+
+@pytest.mark.asyncio
+async def test_two_processes_retraining_at_once_submit_one_run(night: Night) -> None:
+    """Moderators in two bot processes press retrain together: both pass the early 'none
+    queued or running' check, and the store's exclusive key lets one job through."""
+    first, second = night.trainer("proc-a"), night.trainer("proc-b")
+    night.training.gate.clear()
+    outcomes = await asyncio.gather(first.submit("111", "text", requester="mod-a", source="discord"),
+                                    second.submit("111", "text", requester="mod-b", source="discord"),
+                                    return_exceptions=True)
+    records = [o for o in outcomes if not isinstance(o, BaseException)]
+    refused = [o for o in outcomes if isinstance(o, BaseException)]
+    assert len(records) == 1 and len(refused) == 1, outcomes
+    assert isinstance(refused[0], TrainingBusy) and "already queued or running" in str(refused[0])
+    assert night.jobs() == [("111", "text")]
+    other = await second.submit("111", "image", requester="mod-b", source="discord")  # another key
+    night.training.gate.set()
+    await night.queue.wait(records[0].id)
+    await night.queue.wait(other.id)
+    again = await second.submit("111", "text", requester="mod-b", source="discord")  # the key is free again
+    await night.queue.wait(again.id)
+    assert sorted(night.jobs()) == [("111", "image"), ("111", "text"), ("111", "text")]

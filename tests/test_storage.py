@@ -11,6 +11,7 @@ from storage.app_state import StateStore
 from storage.database import StorageError, immediate, open_database
 from storage.jobs import (
     Artifact,
+    JobBusy,
     JobLimits,
     LimitReached,
     NewJob,
@@ -88,6 +89,21 @@ def test_quota_is_enforced_atomically(db_target: Path | str) -> None:
     assert store.pending_count("u1") == 2
     store.create_job(_job("u2"), max_pending=2)  # another user is unaffected
     assert len(store.list_jobs()) == 3
+
+
+def test_an_exclusive_key_admits_one_queued_or_running_job(db_target: Path | str) -> None:
+    store = SqlJobStore(open_database(db_target))
+    first = store.create_job(_job(exclusive="training:g1:text"))
+    with pytest.raises(JobBusy):  # another member, same key: refused, nothing written
+        store.create_job(_job("u2", exclusive="training:g1:text"))
+    store.create_job(_job(exclusive="training:g1:image"))
+    store.create_job(_job())  # no key: unaffected
+    assert len(store.list_jobs()) == 3
+    store.claim([first.id], "w")
+    with pytest.raises(JobBusy):  # still held while it runs
+        store.create_job(_job(exclusive="training:g1:text"))
+    store.fail(first.id, "out of memory")
+    assert store.create_job(_job(exclusive="training:g1:text")).status == "queued"  # free once it ended
 
 
 def test_cancel_queued_and_flag_running(db_target: Path | str) -> None:
