@@ -105,7 +105,8 @@ def test_job_killed_mid_run_is_finished_after_restart(bot_env: Path) -> None:
     child = subprocess.Popen([*AIGCBOT, "run"], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, env=env, text=True)
     assert child.stdin is not None
-    child.stdin.write("/chat a very long answer please\n")
+    # 4,096 tokens: seconds of work on the tiny model, so the kill lands mid-job.
+    child.stdin.write("/chat max_tokens:4096 a very long answer please\n")
     child.stdin.flush()  # stdin stays open: the console keeps running
     deadline = time.time() + 90
     while time.time() < deadline:
