@@ -55,10 +55,12 @@ AttentionMaskInterface.register(NAME, sdpa_mask)
 
 
 def use_decode_attention(model: Any) -> bool:
-    """Switch a CPU model that uses ``sdpa`` to this function; True when switched. A model on
-    another device, or with another attention chosen, is left as it is."""
-    config = getattr(model, "config", None)
-    if config is None or getattr(config, "_attn_implementation", None) != "sdpa" or model.device.type != "cpu":
+    """Switch a model on the CPU to this function; True when switched. A model elsewhere, or
+    one whose architecture cannot take an attention function by name, is left as it is."""
+    if model.device.type != "cpu":
         return False
-    model.set_attn_implementation(NAME)
+    try:
+        model.set_attn_implementation(NAME)
+    except (ValueError, NotImplementedError):  # an older architecture without the interface
+        return False
     return True
