@@ -52,4 +52,3 @@ def test_decode_steps_match_sdpa_and_prefill_stays_on_sdpa(tiny_model_dir: Path,
     for got, want in zip(logits, expected_logits, strict=True):
         assert torch.allclose(got, want, atol=1e-4)
     assert delegated and all(length > 1 for length in delegated)  # prefill only: every decode step ran here
-
