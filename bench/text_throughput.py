@@ -184,6 +184,7 @@ def section_quality(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from generators import quantization
+    from generators.calibration import calibration_ids
 
     reference, tokenizer = load_reference()
     reference.eval()
@@ -206,7 +207,8 @@ def section_quality(args: argparse.Namespace) -> dict[str, Any]:
                 model = AutoModelForCausalLM.from_pretrained(reference.name_or_path,
                                                              **quantization.load_kwargs(mode, "cpu"))
             else:
-                model = quantization.apply_after_load(copy.deepcopy(reference), mode, "cpu")
+                calibration = calibration_ids(tokenizer) if mode == "int8-smooth" else None
+                model = quantization.apply_after_load(copy.deepcopy(reference), mode, "cpu", calibration)
         except Exception as exc:  # e.g. bitsandbytes missing
             rows.append({"mode": mode, "error": f"{type(exc).__name__}: {exc}"[:80]})
             continue
@@ -385,9 +387,10 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--users", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--modes", nargs="+",
-                        default=["none", "bf16", "fp16-weights", "int8-dynamic", "bnb-8bit", "bnb-4bit"])
+                        default=["none", "bf16", "fp16-weights", "int8-smooth", "int8-dynamic", "bnb-8bit", "bnb-4bit"])
     parser.add_argument("--queue-mode", default="auto", help="quantization mode of the queue run")
-    parser.add_argument("--quick", action="store_true", help="16 tokens, modes none, bf16 and fp16-weights")
+    parser.add_argument("--quick", action="store_true",
+                        help="16 tokens; modes none, bf16, fp16-weights, int8-smooth")
     parser.add_argument("--vllm-dtype", default="bfloat16", help="the vLLM server's --dtype")
     parser.add_argument("--max-batch", type=int, default=0,
                         help="the queue's text batch size (AIGC_TEXT_MAX_BATCH); 0: the bot's default")
@@ -398,7 +401,7 @@ def main() -> None:
         print(json.dumps(SECTIONS[args.section](args)))
         return
     if args.quick:
-        args.tokens, args.modes = 16, ["none", "bf16", "fp16-weights"]
+        args.tokens, args.modes = 16, ["none", "bf16", "fp16-weights", "int8-smooth"]
     print(f"{cpu_name()}, {os.cpu_count()} CPU threads. SmolLM2-135M-Instruct, {len(PROMPTS)} prompts cycled, "
           f"exactly {args.tokens} new tokens per request (end of text ignored), greedy, repetition penalty "
           f"1.1, every user submitting at once; queue and vLLM rows: best of {args.repeat} runs\n")

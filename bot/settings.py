@@ -93,8 +93,8 @@ class Settings(BaseSettings):
         description="'smollm2' (packaged SmolLM2-135M-Instruct), a Hugging Face model id, "
         "or a local folder.",
     )
-    quantization: Literal["auto", "none", "bf16", "fp16", "fp16-weights", "int8-dynamic", "bnb-4bit",
-                          "bnb-8bit"] = Field(
+    quantization: Literal["auto", "none", "bf16", "fp16", "fp16-weights", "int8-smooth", "int8-dynamic",
+                          "bnb-4bit", "bnb-8bit"] = Field(
         "auto", validation_alias=_env("AIGC_QUANTIZATION"),
         description="auto: bitsandbytes 4-bit NF4 on CUDA (bf16 or fp16 without bitsandbytes), the measured "
         "best mode on CPU. bnb-4bit, bnb-8bit and fp16 need CUDA.",

@@ -6,7 +6,8 @@ the running batch between steps and leave it the moment they stop (end of text, 
 limit, or cancel), so a short answer is not held back by a long one and a new request does
 not wait for a whole batch to finish. Every row keeps its own sampling settings, seed, token
 limit, stream and cancel flag (`generators.text_batch`), so a seeded request gives the same
-text whatever else it is batched with (up to floating-point differences of batch shapes).
+text whatever else it is batched with (up to floating-point differences of batch shapes, and
+in ``int8-smooth`` the input scale the rows of a pass share).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from generators import quantization
 from generators.base import Feed, Generator, GeneratorError, ListFeed, Request, Result
+from generators.calibration import calibration_ids
 from generators.decode_attention import use_decode_attention
 from generators.model_source import ModelSource, resolve_text_model
 from generators.sampling import check_params
@@ -111,7 +113,8 @@ class TextGenerator(Generator):
             if kwargs != FULL_PRECISION:
                 loaded = None  # freed before loading again in this mode
         tokenizer, model = loaded or self._read(location, gguf, kwargs)
-        model = quantization.apply_after_load(model, self.mode, self.device)
+        calibration = calibration_ids(tokenizer, self.system_prompt) if self.mode == "int8-smooth" else None
+        model = quantization.apply_after_load(model, self.mode, self.device, calibration)
         use_decode_attention(model)
         model.eval()
         tokenizer.padding_side = "left"  # decoder-only: new tokens line up on the right

@@ -7,7 +7,7 @@ is prefilled on its own; then both caches are padded on the left to the longer o
 concatenated along the batch. Padding is masked out, and each row's positions count only its
 own tokens, so a row attends to the same keys at the same positions whatever it is batched
 with: a seeded request gives the same text alone or in a crowd (up to floating-point
-differences between batch shapes).
+differences between batch shapes, and the shared input scale of ``int8-smooth`` passes).
 
 The prompt prefix rows share (the chat template and the system prompt: most of a short
 prompt) is computed once per running batch and copied into each row that starts with it,

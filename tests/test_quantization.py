@@ -25,22 +25,27 @@ def _logits(model: torch.nn.Module, ids: torch.Tensor) -> torch.Tensor:
         return model(ids).logits.float()
 
 
-def test_auto_on_a_cpu_picks_fp16_weights_unless_amx(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_auto_on_a_cpu_picks_int8_smooth_with_vnni_else_fp16_weights_unless_amx(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     for flags, fbgemm, mode in [({"avx2"}, True, "fp16-weights"), ({"avx512_bf16"}, True, "fp16-weights"),
-                                ({"avx512_bf16", "amx_bf16"}, True, "bf16"), ({"bf16"}, False, "none"),
-                                ({"avx512_bf16"}, False, "bf16")]:
+                                ({"avx512_bf16", "avx512_vnni"}, True, "int8-smooth"),
+                                ({"avx2", "avx_vnni"}, True, "int8-smooth"),
+                                ({"avx512_bf16", "avx512_vnni", "amx_bf16"}, True, "bf16"), ({"bf16"}, False, "none"),
+                                ({"avx512_bf16"}, False, "bf16"), ({"avx512_vnni"}, False, "none")]:
         monkeypatch.setattr(quantization, "cpu_flags", lambda flags=flags: frozenset(flags))
         monkeypatch.setattr(quantization, "has_fbgemm", lambda fbgemm=fbgemm: fbgemm)
         assert quantization.choose_mode("auto", "cpu") == mode, flags
     monkeypatch.setattr(quantization, "cpu_flags", lambda: frozenset())
     monkeypatch.setattr(quantization, "has_fbgemm", lambda: False)
-    with pytest.raises(quantization.QuantizationError, match="x86 CPUs only"):
-        quantization.choose_mode("fp16-weights", "cpu")
+    for mode in quantization.FBGEMM_MODES:
+        with pytest.raises(quantization.QuantizationError, match=f"{mode} runs on x86 CPUs only"):
+            quantization.choose_mode(mode, "cpu")
 
 
-def test_fp16_weights_on_cuda_is_refused() -> None:
+@pytest.mark.parametrize("mode", quantization.FBGEMM_MODES)
+def test_fbgemm_modes_on_cuda_are_refused(mode: str) -> None:
     with pytest.raises(quantization.QuantizationError, match="x86 CPUs only"):
-        quantization.choose_mode("fp16-weights", "cuda")
+        quantization.choose_mode(mode, "cuda")
 
 
 def test_packing_keeps_the_model_and_its_tied_weights(tiny_model_dir: Path) -> None:
@@ -110,15 +115,92 @@ def test_generator_in_fp16_weights_mode_answers_like_fp32(tiny_model_dir: Path) 
 def test_lora_adapters_wrap_packed_layers(tiny_model_dir: Path, tmp_path: Path) -> None:
     random_lora_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
     answers = {}
-    for mode in ("none", "fp16-weights"):
+    for mode in ("none", "fp16-weights", "int8-smooth"):
         generator = AdapterTextGenerator(str(tiny_model_dir), quantization_mode=mode, device="cpu", max_new_tokens=8)
         for adapter in (None, str(tmp_path / "adapter")):
             params = generator.check("hello", {"temperature": 0.0, "max_new_tokens": 8, "adapter": adapter})
             answers[mode, adapter] = generator.generate([Request(job_id=1, prompt="hello", params=params)])[0].text
     adapter = str(tmp_path / "adapter")
     assert answers["none", adapter] != answers["none", None]  # the adapter matters
-    assert answers["fp16-weights", adapter] == answers["none", adapter]
-    assert answers["fp16-weights", None] == answers["none", None]
+    for mode in ("fp16-weights", "int8-smooth"):
+        assert answers[mode, adapter] == answers["none", adapter], mode
+        assert answers[mode, None] == answers["none", None], mode
+
+
+# --- int8-smooth: int8 layers smoothed by calibration ----------------------------------------------
+def _outlier_inputs(rows: int, generator: torch.Generator) -> torch.Tensor:
+    """Inputs like a transformer's: most channels small, three of them 40 times larger."""
+    x = torch.randn(rows, 64, generator=generator)
+    x[:, [3, 17, 40]] *= 40
+    return x
+
+
+def test_smoothing_keeps_int8_close_where_outlier_channels_ruin_plain_int8() -> None:
+    generator = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(64, 32)
+    calibration = _outlier_inputs(256, generator)
+    absmax = calibration.abs().amax(0)
+    smoothed = quantization.SmoothInt8Linear.from_linear(linear, absmax)
+    plain = quantization.SmoothInt8Linear.from_linear(linear, None)
+    x = _outlier_inputs(32, generator)  # unseen rows
+    with torch.inference_mode():
+        exact = linear(x)
+
+        def error(layer: torch.nn.Module) -> float:
+            return float((layer(x) - exact).abs().mean() / exact.abs().mean())
+
+        assert error(smoothed) < 0.02
+        assert error(smoothed) < error(plain) / 2
+        # 7-bit inputs (CPUs without VNNI) lose a little more, and still hold
+        assert error(quantization.SmoothInt8Linear.from_linear(linear, absmax, reduce_range=True)) < 0.04
+    # the layer holds int8 weights, one scale per output and one factor per input
+    assert smoothed.packed_bytes() == 64 * 32 + 32 * 8 + 64 * 4
+    x.requires_grad_(True)
+    smoothed(x).sum().backward()  # gradients take the plain path on the fp16 weight
+    assert x.grad is not None and torch.allclose(x.grad, linear.weight.detach().half().float().sum(0).expand(32, -1))
+
+
+def test_int8_smooth_calibrates_and_quantizes_all_but_the_mlp_output_and_keeps_the_answers(
+        tiny_model_dir: Path) -> None:
+    from transformers import AutoTokenizer
+
+    from generators.calibration import calibration_ids
+
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    calibration = calibration_ids(tokenizer)
+    assert 300 < calibration.shape[1] <= 768
+    with pytest.raises(quantization.QuantizationError, match="calibration"):
+        quantization.apply_after_load(model, "int8-smooth", "cpu")
+    quantization.apply_after_load(model, "int8-smooth", "cpu", calibration)
+    kinds = {name: type(module).__name__ for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear)}
+    assert kinds["lm_head"] == "SmoothInt8Linear" and len(kinds) == 1 + 7 * 2  # the head, 7 per layer
+    for name, kind in kinds.items():
+        assert kind == ("PackedFp16Linear" if name.endswith("down_proj") else "SmoothInt8Linear"), name
+    # the calibration hooks are gone, and every layer was smoothed by what it saw
+    assert not any(module._forward_pre_hooks for module in model.modules())
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert not torch.equal(q_proj.inv_smooth, torch.ones_like(q_proj.inv_smooth))
+    ids = tokenizer("Write a short story about a lighthouse keeper who finds a message in a bottle.",
+                    return_tensors="pt").input_ids
+    expected, got = _logits(reference, ids), _logits(model, ids)
+    assert not torch.equal(expected, got)  # int8 really ran
+    assert (expected.argmax(-1) == got.argmax(-1)).float().mean() > 0.9
+    assert (expected - got).abs().mean() < 0.15 * expected.abs().mean()
+
+
+def test_generator_in_int8_smooth_mode_answers_like_fp32(tiny_model_dir: Path) -> None:
+    fp32 = TextGenerator(str(tiny_model_dir), quantization_mode="none", device="cpu", max_new_tokens=8)
+    int8 = TextGenerator(str(tiny_model_dir), quantization_mode="int8-smooth", device="cpu", max_new_tokens=8)
+    params = fp32.check("hello there", {"temperature": 0.0, "max_new_tokens": 8})
+    fp32.load()
+    int8.load()
+    assert int8.mode == "int8-smooth"
+    assert quantization.packed_bytes(int8.model) > 0
+    text = fp32.generate([Request(job_id=1, prompt="hello there", params=params)])[0].text
+    assert int8.generate([Request(job_id=2, prompt="hello there", params=params)])[0].text == text
 
 
 # --- the policy on CUDA, and what a CPU refuses ---------------------------------------------------

@@ -197,7 +197,13 @@ def _models(report: Report, settings: Settings, device: str) -> None:
 def _text(report: Report, settings: Settings, device: str) -> None:
     from generators.base import GeneratorError
     from generators.model_source import resolve_text_model
-    from generators.quantization import QuantizationError, choose_mode, cpu_has_native_bf16, has_fbgemm
+    from generators.quantization import (
+        QuantizationError,
+        choose_mode,
+        cpu_has_native_bf16,
+        cpu_has_vnni,
+        has_fbgemm,
+    )
 
     if settings.text_backend == "openai":
         report.row("text", f"served by {settings.openai_base_url} (AIGC_TEXT_BACKEND=openai), model "
@@ -218,13 +224,14 @@ def _text(report: Report, settings: Settings, device: str) -> None:
     elif device == "cuda":
         why = f"auto on CUDA, bitsandbytes {'installed' if _version('bitsandbytes') else 'not installed'}"
     else:
-        why = f"auto on the CPU: native bf16 {_yes(cpu_has_native_bf16())}, fbgemm {_yes(has_fbgemm())}"
+        why = (f"auto on the CPU: native bf16 {_yes(cpu_has_native_bf16())}, fbgemm {_yes(has_fbgemm())}, "
+               f"int8 VNNI {_yes(cpu_has_vnni())}")
     try:
         mode = choose_mode(settings.quantization, device)
     except QuantizationError as exc:
         report.row("text mode", f"cannot run ({why})")
         fix = ("install the cuda extra: make setup TORCH=cuda (or pip install 'aigc-bot[cuda]')"
-               if device == "cuda" else "set AIGC_QUANTIZATION=auto (or bf16, fp16-weights, none)")
+               if device == "cuda" else "set AIGC_QUANTIZATION=auto (or bf16, fp16-weights, int8-smooth, none)")
         report.problem(str(exc), fix)
         return
     report.row("text mode", f"{mode} on {device} ({why})")
