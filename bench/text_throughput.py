@@ -263,24 +263,25 @@ async def _queue(args: argparse.Namespace) -> dict[str, Any]:
 
     await one(0, "hi")  # warm-up
     results = {}
-    for users in args.users:
-        for _ in range(args.repeat):
-            lags: list[float] = []
-            stop = asyncio.Event()
+    # Round after round over every user count, so each count sees the same moments of a shared
+    # host: the 32-vs-8 ratio compares them, and this host's speed drifts ±20 % over minutes.
+    for users in [u for _ in range(args.repeat) for u in args.users]:
+        lags: list[float] = []
+        stop = asyncio.Event()
 
-            async def probe(lags: list[float] = lags, stop: asyncio.Event = stop) -> None:
-                while not stop.is_set():
-                    before = time.perf_counter()
-                    await asyncio.sleep(0.010)
-                    lags.append(time.perf_counter() - before - 0.010)
+        async def probe(lags: list[float] = lags, stop: asyncio.Event = stop) -> None:
+            while not stop.is_set():
+                before = time.perf_counter()
+                await asyncio.sleep(0.010)
+                lags.append(time.perf_counter() - before - 0.010)
 
-            prober = asyncio.create_task(probe())
-            start = time.perf_counter()
-            outcomes = await asyncio.gather(*[one(u, p) for u, p in enumerate((PROMPTS * 8)[:users])])
-            elapsed = time.perf_counter() - start
-            stop.set()
-            await prober
-            keep_best(results, str(users), outcomes, elapsed, lag_p99_ms=percentile(lags, 0.99) * 1000)
+        prober = asyncio.create_task(probe())
+        start = time.perf_counter()
+        outcomes = await asyncio.gather(*[one(u, p) for u, p in enumerate((PROMPTS * 8)[:users])])
+        elapsed = time.perf_counter() - start
+        stop.set()
+        await prober
+        keep_best(results, str(users), outcomes, elapsed, lag_p99_ms=percentile(lags, 0.99) * 1000)
     await queue.stop()
     return {"users": results, "peak_rss_mb": peak_rss_mb(), "mode": generator.mode,
             "max_batch": generator.max_batch_size}
