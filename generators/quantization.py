@@ -128,8 +128,20 @@ def choose_mode(requested: str, device: str) -> str:
     if cpu_has_amx():
         return "bf16"
     if has_fbgemm():
-        return "int8-smooth" if cpu_has_vnni() else "fp16-weights"
+        return "int8-smooth" if cpu_has_vnni() and int8_packing_works() else "fp16-weights"
     return "bf16" if cpu_has_native_bf16() else "none"
+
+
+@cache
+def int8_packing_works() -> bool:
+    """Whether this torch still packs int8 weights for fbgemm (`SmoothInt8Linear` needs a
+    quantized tensor to pack, an API torch 2.13 marks deprecated); checked once on a 2×2 layer."""
+    try:
+        SmoothInt8Linear.from_linear(torch.nn.Linear(2, 2), None)
+    except Exception as exc:  # removed, or a build without the quantized ops
+        log.warning("int8 packing is unavailable in this torch (%s); auto picks fp16-weights", exc)
+        return False
+    return True
 
 
 def has_fbgemm() -> bool:
@@ -310,7 +322,7 @@ class SmoothInt8Linear(FrozenLinear):
         scales = (scaled.abs().amax(1) / 127).clamp(min=1e-8).double()
         with warnings.catch_warnings():
             # torch 2.13 marks quantized tensor creation deprecated; fbgemm's packing still
-            # takes one (the bot pins torch; a torch without it fails here and auto falls back).
+            # takes one (the bot pins torch; where it is gone, `int8_packing_works` says so).
             warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
             qweight = torch.quantize_per_channel(scaled, scales, torch.zeros(len(scales), dtype=torch.long), 0,
                                                  torch.qint8)

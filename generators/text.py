@@ -56,7 +56,7 @@ class TextGenerator(Generator):
         ignore_eos: bool = False,
     ) -> None:
         """``max_batch_size``: rows decoded together (32: on a 2-core CPU a step of 32 rows
-        costs about 1.4× a step of 8, so throughput keeps growing; bench/text_throughput.py).
+        costs about 2× a step of 8, so throughput keeps growing; bench/text_throughput.py).
         ``ignore_eos``: every request runs to its token limit (benchmarks compare equal work)."""
         self.model_name = model
         self.requested_mode = quantization_mode

@@ -35,6 +35,15 @@ def test_auto_on_a_cpu_picks_int8_smooth_with_vnni_else_fp16_weights_unless_amx(
         monkeypatch.setattr(quantization, "cpu_flags", lambda flags=flags: frozenset(flags))
         monkeypatch.setattr(quantization, "has_fbgemm", lambda fbgemm=fbgemm: fbgemm)
         assert quantization.choose_mode("auto", "cpu") == mode, flags
+    # a torch that no longer packs int8 weights: auto falls back to fp16-weights
+    monkeypatch.setattr(quantization, "cpu_flags", lambda: frozenset({"avx512_vnni"}))
+    monkeypatch.setattr(quantization, "has_fbgemm", lambda: True)
+    monkeypatch.setattr(torch, "quantize_per_channel", None)
+    quantization.int8_packing_works.cache_clear()
+    try:
+        assert quantization.choose_mode("auto", "cpu") == "fp16-weights"
+    finally:
+        quantization.int8_packing_works.cache_clear()
     monkeypatch.setattr(quantization, "cpu_flags", lambda: frozenset())
     monkeypatch.setattr(quantization, "has_fbgemm", lambda: False)
     for mode in quantization.FBGEMM_MODES:
