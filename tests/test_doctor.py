@@ -13,7 +13,7 @@ import pytest
 
 from bot.cli.doctor import has_kernels_for
 from bot.discord.account import BOT_PERMISSIONS
-from generators.quantization import choose_mode
+from generators.quantization import choose_mode, cpu_has_vnni
 from tests.fakediscord import FakeDiscord
 
 AIGCBOT = [sys.executable, "-m", "bot.cli", "doctor"]
@@ -57,6 +57,7 @@ def test_healthy_cpu_setup_exits_zero_and_names_the_mode(tmp_path: Path) -> None
     out = proc.stdout
     assert _row(out, "device").startswith("cpu (AIGC_DEVICE=cpu")
     assert _row(out, "text mode").startswith(f"{choose_mode('auto', 'cpu')} on cpu (auto on the CPU")
+    assert f"int8 VNNI {'yes' if cpu_has_vnni() else 'no'}" in _row(out, "text mode")  # why int8-smooth or not
     assert _row(out, "text").startswith("smollm2: packaged SmolLM2-135M-Instruct")
     assert "face" in _row(out, "image") and _row(out, "face weights").startswith("found")
     # The default, auto, is no model but no problem either: the prompt picks one.
