@@ -280,8 +280,8 @@ class PackedFp16Linear(FrozenLinear):
 
 
 #: SmoothQuant's migration strength: how much of an input channel's range moves into the
-#: weight. Measured on SmolLM2-135M (next-token agreement with fp32 over a held-out text):
-#: 94.0 % at 0.5, 96.9 % at 0.65, 94.3 % at 0.8.
+#: weight. Measured on SmolLM2-135M (next-token agreement with fp32 over a held-out text, the
+#: output head in fp16, an earlier calibration text): 94.0 % at 0.5, 96.9 % at 0.65, 94.3 % at 0.8.
 SMOOTH_ALPHA = 0.65
 #: Layers ``int8-smooth`` leaves in fp16: the MLP's output projection, whose input (the gated
 #: activation) has outliers no per-tensor int8 scale holds. In int8 too, SmolLM2's agreement
