@@ -74,7 +74,9 @@ class RunningBatch:
         self.cache: Cache | None = None
         self.mask = torch.zeros(0, 0, dtype=torch.long)  # [rows, cached positions]: 1 = a real token
         self.logits = torch.zeros(0, 0)  # [rows, vocab]: each row's next-token scores
-        self.seen = torch.zeros(0, 0, dtype=torch.bool)  # [rows, vocab]: tokens the penalty applies to
+        #: [rows, tokens]: each row's prompt and generated tokens, which the repetition penalty
+        #: applies to; left-padded with the row's first token (a repeat changes nothing).
+        self.history = torch.zeros(0, 0, dtype=torch.long)
         self.penalty = torch.zeros(0, 1)  # [rows, 1]
         # Caches can be padded and stacked only when every layer is a plain, growing one (not a
         # sliding window or a static buffer).
@@ -112,17 +114,14 @@ class RunningBatch:
                          position_ids=_positions(mask)[:, shared:].to(device), cache=cache, use_cache=True,
                          logits_to_keep=1)  # only the last position's scores: no [rows, prompt, vocab] tensor
         logits = out.logits[:, -1].float().cpu()
-        vocab = logits.shape[-1]
-        seen = torch.zeros(len(rows), vocab, dtype=torch.bool)
-        for i, row in enumerate(rows):
-            seen[i, torch.tensor(row.prompt_ids)] = True
+        history = _stack_histories([torch.tensor(r.prompt_ids)[None] for r in rows])
         penalty = torch.tensor([[r.repetition_penalty] for r in rows])
         if self.cache is None:
-            self.cache, self.mask, self.logits, self.seen, self.penalty = cache, mask, logits, seen, penalty
+            self.cache, self.mask, self.logits, self.history, self.penalty = cache, mask, logits, history, penalty
         else:
             self.cache, self.mask = _concat(self.cache, self.mask, cache, mask)
             self.logits = torch.cat([self.logits, logits])
-            self.seen = torch.cat([self.seen, seen])
+            self.history = _stack_histories([self.history, history])
             self.penalty = torch.cat([self.penalty, penalty])
         self.rows += rows
         for row in rows:
@@ -158,10 +157,10 @@ class RunningBatch:
         """Every row's next token, from the pending logits."""
         logits = self.logits
         if bool((self.penalty != 1.0).any()):
-            # Only the seen tokens change (a few hundred a row): index them, not the whole vocabulary.
-            rows, tokens = self.seen.nonzero(as_tuple=True)
-            values, penalty = logits[rows, tokens], self.penalty[rows, 0]
-            logits[rows, tokens] = torch.where(values > 0, values / penalty, values * penalty)
+            # Only the tokens seen change (a few hundred a row): gather them, not the whole
+            # vocabulary. A token seen twice is written twice with the same value.
+            values = logits.gather(1, self.history)
+            logits.scatter_(1, self.history, torch.where(values > 0, values / self.penalty, values * self.penalty))
         chosen = logits.argmax(-1).tolist()
         for i, row in enumerate(self.rows):
             if row.temperature > 0:
@@ -172,7 +171,7 @@ class RunningBatch:
         """Record each row's token, drop the rows not in ``keep`` (finished), and run the
         forward pass that gives the kept rows their next logits."""
         chosen = torch.tensor(tokens)
-        self.seen[torch.arange(len(tokens)), chosen] = True
+        self.history = torch.cat([self.history, chosen[:, None]], dim=1)
         if len(keep) < len(self.rows):
             self._select(keep)
             chosen = chosen[keep]
@@ -195,7 +194,14 @@ class RunningBatch:
         index = torch.tensor(keep)
         self.cache.batch_select_indices(index.to(self.model.device))
         self.mask, self.logits = self.mask[index], self.logits[index]
-        self.seen, self.penalty = self.seen[index], self.penalty[index]
+        self.history, self.penalty = self.history[index], self.penalty[index]
+
+
+def _stack_histories(histories: list[torch.Tensor]) -> torch.Tensor:
+    """Token histories ([rows, tokens] each) as one, each left-padded to the longest with its
+    rows' first tokens."""
+    width = max(h.shape[1] for h in histories)
+    return torch.cat([torch.cat([h[:, :1].expand(-1, width - h.shape[1]), h], dim=1) for h in histories])
 
 
 def _positions(mask: torch.Tensor) -> torch.Tensor:
