@@ -1,4 +1,5 @@
-"""The CPU decode-step attention gives sdpa's answers, and only decode steps take it."""
+"""The CPU engine's attention gives sdpa's answers for decode steps and masked prefills (left
+padding included), and leaves other passes to sdpa."""
 
 from __future__ import annotations
 
@@ -31,12 +32,15 @@ def _decode(model: Any, tokenizer: Any, steps: int = 6) -> tuple[list[list[int]]
     return tokens, logits
 
 
-def test_decode_steps_match_sdpa_and_prefill_stays_on_sdpa(tiny_model_dir: Path,
-                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decode_steps_and_padded_prefills_match_sdpa_and_unmasked_passes_stay_on_sdpa(
+        tiny_model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # grouped queries
     expected_tokens, expected_logits = _decode(model, tokenizer)
+    ids = tokenizer("one unpadded prompt", return_tensors="pt").input_ids
+    with torch.inference_mode():
+        expected_unmasked = model(ids).logits
 
     delegated: list[int] = []
     real = decode_attention.sdpa_attention_forward
@@ -50,5 +54,10 @@ def test_decode_steps_match_sdpa_and_prefill_stays_on_sdpa(tiny_model_dir: Path,
     tokens, logits = _decode(model, tokenizer)
     assert tokens == expected_tokens
     for got, want in zip(logits, expected_logits, strict=True):
+        assert torch.isfinite(got).all()  # the padding queries that see no key give zeros, not NaN
         assert torch.allclose(got, want, atol=1e-4)
-    assert delegated and all(length > 1 for length in delegated)  # prefill only: every decode step ran here
+    assert delegated == []  # the padded prefill and every decode step ran here
+    with torch.inference_mode():
+        unmasked = model(ids).logits  # causal, no mask: sdpa's own causal path
+    assert delegated and all(length == ids.shape[1] for length in delegated)
+    assert torch.allclose(unmasked, expected_unmasked, atol=1e-5)
