@@ -108,6 +108,9 @@ def choose_mode(requested: str, device: str) -> str:
         raise QuantizationError(f"unknown quantization {requested!r}; choose one of {', '.join(MODES)}")
     if requested in FBGEMM_MODES and (device != "cpu" or not has_fbgemm()):
         raise QuantizationError(f"{requested} runs on x86 CPUs only (fbgemm)")
+    if requested == "int8-smooth" and not int8_packing_works():
+        raise QuantizationError("int8-smooth needs a torch that still packs int8 weights for fbgemm; "
+                                "use fp16-weights or auto")
     if device != "cuda" and requested in CUDA_ONLY:
         raise QuantizationError(f"AIGC_QUANTIZATION={requested} needs a CUDA GPU and this bot runs on the CPU; "
                                 "use auto (the best CPU mode) or none")

@@ -42,6 +42,8 @@ def test_auto_on_a_cpu_picks_int8_smooth_with_vnni_else_fp16_weights_unless_amx(
     quantization.int8_packing_works.cache_clear()
     try:
         assert quantization.choose_mode("auto", "cpu") == "fp16-weights"
+        with pytest.raises(quantization.QuantizationError, match="int8-smooth needs a torch"):
+            quantization.choose_mode("int8-smooth", "cpu")  # asked for by name: one clear line
     finally:
         quantization.int8_packing_works.cache_clear()
     monkeypatch.setattr(quantization, "cpu_flags", lambda: frozenset())
