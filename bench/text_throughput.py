@@ -184,7 +184,6 @@ def section_quality(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from generators import quantization
-    from generators.calibration import calibration_ids
 
     reference, tokenizer = load_reference()
     reference.eval()
@@ -207,8 +206,7 @@ def section_quality(args: argparse.Namespace) -> dict[str, Any]:
                 model = AutoModelForCausalLM.from_pretrained(reference.name_or_path,
                                                              **quantization.load_kwargs(mode, "cpu"))
             else:
-                calibration = calibration_ids(tokenizer) if mode == "int8-smooth" else None
-                model = quantization.apply_after_load(copy.deepcopy(reference), mode, "cpu", calibration)
+                model = quantization.apply_after_load(copy.deepcopy(reference), mode, "cpu", tokenizer)
         except Exception as exc:  # e.g. bitsandbytes missing
             rows.append({"mode": mode, "error": f"{type(exc).__name__}: {exc}"[:80]})
             continue

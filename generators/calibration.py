@@ -44,13 +44,15 @@ PROSE = (
 )
 
 
-def calibration_ids(tokenizer: Any, system_prompt: str = "You are a helpful assistant.",
-                    limit: int = 768) -> torch.Tensor:
+SYSTEM_PROMPT = "You are a helpful assistant."
+
+
+def calibration_ids(tokenizer: Any, limit: int = 768) -> torch.Tensor:
     """The calibration text as token ids, shape [1, at most ``limit``]: the chats in the
     tokenizer's chat template (plain text where it has none), then the prose."""
     parts = []
     for question, answer in CHATS:
-        turns = [{"role": "system", "content": system_prompt}, {"role": "user", "content": question},
+        turns = [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": question},
                  {"role": "assistant", "content": answer}]
         if getattr(tokenizer, "chat_template", None):
             parts.append(tokenizer.apply_chat_template(turns, tokenize=False))

@@ -41,6 +41,8 @@ from typing import Any
 
 import torch
 
+from generators.calibration import calibration_ids
+
 log = logging.getLogger(__name__)
 
 MODES = ("auto", "none", "bf16", "fp16", "fp16-weights", "int8-smooth", "int8-dynamic", "bnb-4bit", "bnb-8bit")
@@ -187,21 +189,20 @@ def diffusion_4bit(requested: str, device: str) -> bool:
     return choose_mode(requested, device) == "bnb-4bit"
 
 
-def apply_after_load(model: torch.nn.Module, mode: str, device: str,
-                     calibration: torch.Tensor | None = None) -> torch.nn.Module:
+def apply_after_load(model: torch.nn.Module, mode: str, device: str, tokenizer: Any = None) -> torch.nn.Module:
     """Post-load steps: move to the device; fp16-weights packs every Linear (the output head
-    included); int8-smooth calibrates on ``calibration`` (token ids, see
-    `generators.calibration`) and quantizes; dynamic int8 quantizes the transformer's Linear
-    layers (the output head stays fp32, which is where most of int8's damage comes from)."""
+    included); int8-smooth calibrates on `generators.calibration`'s text, read with
+    ``tokenizer``, and quantizes; dynamic int8 quantizes the transformer's Linear layers (the
+    output head stays fp32, which is where most of int8's damage comes from)."""
     if mode in ("bnb-4bit", "bnb-8bit"):
         return model  # already placed by device_map
     model = model.to(device)
     if mode == "fp16-weights":
         pack_fp16_weights(model)
     if mode == "int8-smooth":
-        if calibration is None:
-            raise QuantizationError("int8-smooth needs calibration text")
-        quantize_int8_smooth(model, calibration)
+        if tokenizer is None:
+            raise QuantizationError("int8-smooth needs the model's tokenizer to read its calibration text")
+        quantize_int8_smooth(model, calibration_ids(tokenizer))
     if mode == "int8-dynamic":
         if device != "cpu":
             raise QuantizationError("int8-dynamic runs on the CPU only")

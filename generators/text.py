@@ -24,7 +24,6 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenize
 
 from generators import quantization
 from generators.base import Feed, Generator, GeneratorError, ListFeed, Request, Result
-from generators.calibration import calibration_ids
 from generators.decode_attention import use_decode_attention
 from generators.model_source import ModelSource, resolve_text_model
 from generators.sampling import check_params
@@ -113,8 +112,7 @@ class TextGenerator(Generator):
             if kwargs != FULL_PRECISION:
                 loaded = None  # freed before loading again in this mode
         tokenizer, model = loaded or self._read(location, gguf, kwargs)
-        calibration = calibration_ids(tokenizer, self.system_prompt) if self.mode == "int8-smooth" else None
-        model = quantization.apply_after_load(model, self.mode, self.device, calibration)
+        model = quantization.apply_after_load(model, self.mode, self.device, tokenizer)
         use_decode_attention(model)
         model.eval()
         tokenizer.padding_side = "left"  # decoder-only: new tokens line up on the right

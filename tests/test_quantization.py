@@ -142,15 +142,13 @@ def test_lora_adapters_on_int8_layers_add_what_they_add_in_fp32(tiny_model_dir: 
     from peft import PeftModel
     from transformers import AutoTokenizer
 
-    from generators.calibration import calibration_ids
-
     random_lora_adapter(tiny_model_dir, tmp_path / "adapter", seed=3)
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     ids = tokenizer("hello there, lighthouse keeper", return_tensors="pt").input_ids
     shifts = {}
     for mode in ("none", "int8-smooth"):
         model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
-        quantization.apply_after_load(model, mode, "cpu", calibration_ids(tokenizer))
+        quantization.apply_after_load(model, mode, "cpu", tokenizer)
         wrapped = PeftModel.from_pretrained(model, str(tmp_path / "adapter"))
         if mode == "int8-smooth":
             assert isinstance(wrapped.base_model.model.model.layers[0].self_attn.q_proj.base_layer,
@@ -209,7 +207,7 @@ def test_int8_smooth_calibrates_and_quantizes_all_but_the_mlp_output_and_keeps_t
     assert 300 < calibration.shape[1] <= 768
     with pytest.raises(quantization.QuantizationError, match="calibration"):
         quantization.apply_after_load(model, "int8-smooth", "cpu")
-    quantization.apply_after_load(model, "int8-smooth", "cpu", calibration)
+    quantization.apply_after_load(model, "int8-smooth", "cpu", tokenizer)
     kinds = {name: type(module).__name__ for name, module in model.named_modules()
              if isinstance(module, torch.nn.Linear)}
     assert kinds["lm_head"] == "SmoothInt8Linear" and len(kinds) == 1 + 7 * 2  # the head, 7 per layer
