@@ -226,6 +226,46 @@ def test_int8_smooth_calibrates_and_quantizes_all_but_the_mlp_output_and_keeps_t
     assert (expected - got).abs().mean() < 0.15 * expected.abs().mean()
 
 
+#: Two-layer models of the families people load from the hub, each named as transformers names it.
+FAMILIES = {
+    "llama": {}, "qwen2": {}, "mistral": {}, "gemma": {"head_dim": 64},
+    "phi3": {},  # fused projections: qkv_proj and gate_up_proj
+    "gpt2": {"n_embd": 128, "n_layer": 2, "n_head": 2},  # Conv1D layers, not nn.Linear
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_int8_smooth_converts_each_model_family_and_keeps_its_answers(family: str) -> None:
+    from transformers import AutoConfig
+
+    from generators.decode_attention import use_decode_attention
+
+    torch.manual_seed(0)
+    sizes = FAMILIES[family] if family == "gpt2" else {
+        "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, **FAMILIES[family]}
+    config = AutoConfig.for_model(family, vocab_size=300, bos_token_id=1, eos_token_id=2, pad_token_id=0, **sizes)
+    reference = AutoModelForCausalLM.from_config(config).eval()
+    model = AutoModelForCausalLM.from_config(config).eval()
+    model.load_state_dict(reference.state_dict())
+    quantization.quantize_int8_smooth(model, torch.randint(3, 300, (1, 128)))
+    assert use_decode_attention(model)
+    kinds = {name.rsplit(".", 1)[-1]: type(module).__name__ for name, module in model.named_modules()
+             if isinstance(module, torch.nn.Linear)}
+    if family != "gpt2":  # GPT-2's Conv1D layers stay as they are: only its head is an nn.Linear
+        assert kinds.pop("down_proj") == "PackedFp16Linear"  # the MLP output stays fp16
+    assert set(kinds.values()) == {"SmoothInt8Linear"}
+    assert len(kinds) == {"gpt2": 1, "phi3": 4}.get(family, 7)  # the head included
+    ids = torch.randint(3, 300, (2, 24))
+    expected, got = _logits(reference, ids), _logits(model, ids)
+    assert not torch.equal(expected, got)  # int8 really ran
+    assert (expected.argmax(-1) == got.argmax(-1)).float().mean() > 0.8
+    assert (expected - got).abs().mean() < 0.15 * expected.abs().mean()
+    with torch.inference_mode():  # and it decodes, through the decode attention
+        out = model.generate(ids[:1, :6], max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 10)
+
+
 def test_generator_in_int8_smooth_mode_answers_and_takes_less_memory_than_fp16_weights(
         tiny_model_dir: Path) -> None:
     packed = TextGenerator(str(tiny_model_dir), quantization_mode="fp16-weights", device="cpu", max_new_tokens=8)
