@@ -394,7 +394,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=0,
                         help="the queue's text batch size (AIGC_TEXT_MAX_BATCH); 0: the bot's default")
     parser.add_argument("--no-vllm", action="store_true", help="leave out the vLLM rows")
-    parser.add_argument("--repeat", type=int, default=2, help="runs of each queue and vLLM row; the best is kept")
+    parser.add_argument("--repeat", type=int, default=3, help="runs of each queue and vLLM row; the best is kept")
     args = parser.parse_args()
     if args.section:
         print(json.dumps(SECTIONS[args.section](args)))
