@@ -289,8 +289,10 @@ class PackedFp16Linear(FrozenLinear):
 SMOOTH_ALPHA = 0.65
 #: Layers ``int8-smooth`` leaves in fp16: the MLP's output projection, whose input (the gated
 #: activation) has outliers no per-tensor int8 scale holds. In int8 too, SmolLM2's agreement
-#: falls from 96.9 % to 80 % and its perplexity rises 13 %. The output head is int8: agreement
-#: 97.1 % → 95.8 %, perplexity +0.2 % → +0.7 %, for 5-8 % more tokens a second.
+#: falls from 96.9 % to 80 % and its perplexity rises 13 %; with a scale per row instead it
+#: keeps 93 %, but the per-row scaling leaves those products at 32 rows only ~15 % faster than
+#: bf16 (docs/benchmarks.md). The output head is int8: agreement 97.1 % → 95.8 %, perplexity
+#: +0.2 % → +0.7 %, for 5-8 % more tokens a second.
 INT8_SKIP = ("down_proj", "fc2", "dense_4h_to_h", "w2")
 
 
