@@ -36,7 +36,7 @@ from generators.queue import GenerationQueue, JobEvent, LaneState, Listener, Que
 from generators.registry import ModelRegistry
 from generators.tasks import defer, make_app
 from storage.database import AsyncDatabase
-from storage.events import EventListener, publish
+from storage.events import EventListener, PartialTexts, publish
 from storage.jobs import JobLimits, JobRecord, NewJob, SqlJobStore
 from storage.workers import WorkerStore
 
@@ -68,6 +68,7 @@ class DispatchQueue(GenerationQueue):
         self._ended: dict[int, None] = {}  # insertion-ordered: the oldest is forgotten first
         self._accepted: dict[int, float] = {}  # accepted here, follower not subscribed yet: since
         self._kinds: dict[int, str] = {}  # the lane of each job known here, while it is active
+        self._texts = PartialTexts()  # running jobs' streamed text, from the workers' pieces
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self, *, recover: bool = True, load_backlog: bool = True) -> None:
@@ -209,8 +210,12 @@ class DispatchQueue(GenerationQueue):
         if kind == "progress":
             self._emit(JobEvent(job_id, "progress", progress=message.get("progress"), note=message.get("note", "")))
         elif kind == "partial":
-            self._emit(JobEvent(job_id, "partial", text=message.get("text")))
+            text = self._texts.add(job_id, message)
+            if text is not None:
+                self._emit(JobEvent(job_id, "partial", text=text))
         elif kind in ("started", "finished"):
+            if kind == "finished":
+                self._texts.end(job_id)
             self._spawn(self._remote_state(job_id, kind))
 
     async def _remote_state(self, job_id: int, kind: str) -> None:

@@ -7,7 +7,7 @@ batching as in one process, and settles it. Around that the worker:
 
 - publishes the job's events (started, progress, partial text, finished) to every bot
   process through PostgreSQL NOTIFY (`storage.events`), progress and partial text at most
-  every `EVENT_INTERVAL_S` per job;
+  every `EVENT_INTERVAL_S` per job (text too long for one event goes as what it gained);
 - stops a job at once when a member cancels it (procrastinate's abort cancels the task);
 - puts a job back when the worker shuts down, and hands it a new task;
 - every `SCAN_S`: runs again the jobs of workers that stopped sending heartbeats (killed),
@@ -36,7 +36,7 @@ from procrastinate.jobs import Status
 from generators.queue import HEARTBEAT_S, GenerationQueue, JobEvent, QueueError
 from generators.tasks import TASK, defer, make_app, queue_name
 from storage.database import AsyncDatabase
-from storage.events import publish
+from storage.events import partial_events, publish
 from storage.jobs import SqlJobStore
 from storage.postgres import PostgresDatabase
 from storage.workers import WorkerStore
@@ -85,6 +85,7 @@ class JobWorker:
         self.jobs_done = 0
         self._outbox: list[dict[str, Any]] = []
         self._sent_at: dict[tuple[int, str], float] = {}
+        self._sent_text: dict[int, str] = {}  # each running job's partial text as last sent
         self._wakeup = asyncio.Event()
         self._interrupted: set[int] = set()
 
@@ -178,8 +179,14 @@ class JobWorker:
             self._sent_at[key] = now
             if message["type"] == "finished":
                 self._sent_at = {k: v for k, v in self._sent_at.items() if k[0] != message["job"]}
+                self._sent_text.pop(message["job"], None)
                 held = [m for m in held if m["job"] != message["job"]]  # the result supersedes them
-            due.append(message)
+                due.append(message)
+            elif message["type"] == "partial" and message.get("text"):
+                due += partial_events(message, self._sent_text.get(message["job"], ""))
+                self._sent_text[message["job"]] = message["text"]
+            else:
+                due.append(message)
         self._outbox = held
         if held:
             asyncio.get_running_loop().call_later(EVENT_INTERVAL_S, self._wakeup.set)

@@ -3,8 +3,9 @@
 A worker publishes what happens to the jobs it runs (started, progress, partial text,
 finished); every bot process listens and passes them to whoever follows the job there. A
 payload is a small JSON object under PostgreSQL's 8,000-byte limit: a finished event carries
-only the job's id (the listener reads the record), and partial text that would not fit is not
-sent (the next one that fits, or the result, shows it).
+only the job's id (the listener reads the record). Partial text goes whole while it fits;
+longer text goes as what was added since the last event, in pieces that fit (``at``: where
+a piece starts), which `PartialTexts` puts back together on the listening side.
 """
 
 from __future__ import annotations
@@ -31,6 +32,55 @@ def encode(event: dict[str, Any]) -> str | None:
     """The payload for an event, or None if it would be too large."""
     payload = json.dumps(event, separators=(",", ":"), ensure_ascii=False)
     return payload if len(payload.encode()) <= MAX_PAYLOAD_BYTES else None
+
+
+def partial_events(event: dict[str, Any], before: str) -> list[dict[str, Any]]:
+    """A partial-text ``event`` (its ``text`` the job's whole text so far) as payloads that fit:
+    itself while it fits, else what follows ``before`` (the text last sent for the job; all of
+    it if the text no longer starts with that), in pieces marked with where each starts."""
+    text = event["text"]
+    if encode(event) is not None:
+        return [event]
+    at = len(before) if text.startswith(before) else 0
+    pieces = []
+    while at < len(text):
+        size = len(text) - at
+        while encode({**event, "at": at, "text": text[at:at + size]}) is None:
+            size = max(1, size // 2)  # JSON escapes and UTF-8 make bytes per character vary
+        pieces.append({**event, "at": at, "text": text[at:at + size]})
+        at += size
+    return pieces
+
+
+class PartialTexts:
+    """Each job's partial text, put back together from `partial_events` payloads. A listener
+    that missed a piece (it started, or reconnected, while the text was already long) shows
+    no more of that job's text until the job ends; its result shows everything."""
+
+    #: Jobs remembered at most: one whose end was never heard is forgotten in time.
+    LIMIT = 1024
+
+    def __init__(self) -> None:
+        self._texts: dict[int, str | None] = {}  # None: a piece was missed
+
+    def add(self, job_id: int, message: dict[str, Any]) -> str | None:
+        """The job's text after this payload; None if it cannot be known here."""
+        text, at = message.get("text"), message.get("at")
+        if not isinstance(text, str):
+            return None
+        if at is None or at == 0:  # the whole text, or the first piece of it
+            whole: str | None = text
+        else:
+            have = self._texts.get(job_id)
+            whole = have[:at] + text if isinstance(at, int) and have is not None and 0 <= at <= len(have) else None
+        self._texts.pop(job_id, None)
+        self._texts[job_id] = whole  # most recent last: the oldest is forgotten first
+        if len(self._texts) > self.LIMIT:
+            del self._texts[next(iter(self._texts))]
+        return whole
+
+    def end(self, job_id: int) -> None:
+        self._texts.pop(job_id, None)
 
 
 def publish(db: PostgresDatabase, event: dict[str, Any]) -> bool:

@@ -9,6 +9,7 @@ real processes and SIGKILL are in tests/test_workers_processes.py.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -245,3 +246,58 @@ async def test_a_job_that_ends_before_its_follower_subscribes_is_no_orphan(tmp_p
         await bot.adb.run(publish, bot.store.db, {"job": late.id, "type": "finished"})
         await asyncio.sleep(0.5)
         assert orphans == []
+
+
+class Writer(ScriptedGenerator):
+    """A scripted text model whose answer grows by ``added[i]`` characters at step i, 2-byte
+    characters and JSON-escaped quotes among them, so the text passes NOTIFY's 8,000 bytes."""
+
+    def __init__(self, added: list[int], step_s: float = 0.35) -> None:
+        super().__init__(kind="text", steps=len(added), step_s=step_s)
+        self.added = added
+        self.text = "".join("é\"abc\n"[i % 6] for i in range(sum(added)))
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        (request,) = requests
+        for end in itertools.accumulate(self.added):
+            request.on_partial(self.text[:end])
+            time.sleep(self.step_s)
+        return [Result(text=self.text, metadata={"tokens": len(self.added)})]
+
+
+@pytest.mark.asyncio
+async def test_streamed_text_longer_than_a_notify_payload_reaches_the_bot_whole(tmp_path: Path,
+                                                                                 postgres_url: str) -> None:
+    # 3,000 characters (≈ 4,500 bytes) fit one event; then 9,000 more at once (pieces), then steps
+    writer = Writer([3000, 9000, 500, 500, 500])
+    async with host(tmp_path, postgres_url, "bot", registry(ScriptedGenerator())) as bot, \
+            host(tmp_path, postgres_url, "worker", registry(Painter(), writer)) as other, \
+            worker_on(other, lanes=("text",)):
+        record = await bot.queue.submit(job("write", kind="text"))
+        events = await asyncio.wait_for(events_of(bot, record.id), 30)
+        texts = [event.text for event in events if event.type == "partial"]
+        assert events[-1].record is not None and events[-1].record.status == "succeeded"
+        # every streamed text is the answer so far, and the bot saw it grow well past the limit
+        assert texts and all(text and writer.text.startswith(text) for text in texts)
+        assert len(texts[-1]) >= 12_500 and len(texts[-1].encode()) > 14_000
+        assert any(len(text) == 3000 for text in texts)  # the short text still went whole
+
+
+def test_partial_text_goes_in_pieces_that_fit_and_comes_back_whole() -> None:
+    from storage.events import PartialTexts, encode, partial_events
+
+    short = {"job": 7, "type": "partial", "text": "héllo"}
+    assert partial_events(short, "") == [short]  # fits: whole, as before
+    text = "".join("é\"\\x\n"[i % 5] for i in range(20_000))  # escapes and 2-byte characters
+    first = partial_events({"job": 7, "type": "partial", "text": text[:12_000]}, "héllo")  # no longer a prefix
+    assert len(first) > 1 and first[0]["at"] == 0 and all(encode(piece) for piece in first)
+    more = partial_events({"job": 7, "type": "partial", "text": text}, text[:12_000])
+    assert more[0]["at"] == 12_000  # only what was added
+    listener = PartialTexts()
+    assert listener.add(7, short) == "héllo"
+    assert [listener.add(7, piece) for piece in first][-1] == text[:12_000]
+    assert [listener.add(7, piece) for piece in more][-1] == text
+    late = PartialTexts()  # started listening after the beginning: shows nothing more, no wrong text
+    assert [late.add(7, piece) for piece in more] == [None] * len(more)
+    late.end(7)
+    assert late.add(7, short) == "héllo"
