@@ -58,7 +58,7 @@ class PartialTexts:
     no more of that job's text until the job ends; its result shows everything."""
 
     #: Jobs remembered at most: one whose end was never heard is forgotten in time.
-    LIMIT = 1024
+    LIMIT = 256
 
     def __init__(self) -> None:
         self._texts: dict[int, str | None] = {}  # None: a piece was missed
