@@ -461,6 +461,17 @@ class SqlJobStore:
             )
         return bool(cursor.rowcount)
 
+    def showing(self, job_id: int, by: str, message_id: str) -> bool:
+        """``by`` is about to show the result in message ``message_id`` (its interaction's): if
+        ``by`` dies before `mark_delivered`, whoever takes the claim over can look there first
+        instead of posting the result a second time. False if the claim is not ``by``'s."""
+        with immediate(self.db):
+            cursor = self.db.execute(
+                "UPDATE jobs SET delivered_message=? WHERE id=? AND delivered_by=? AND delivered_at IS NULL",
+                [message_id, job_id, by],
+            )
+        return bool(cursor.rowcount)
+
     def release_delivery(self, job_id: int, by: str) -> bool:
         """Give back ``by``'s claim, so another process (or the next start) delivers at once."""
         with immediate(self.db):

@@ -262,6 +262,70 @@ async def test_a_post_whose_process_died_before_marking_it_is_not_posted_twice(w
     assert bot.services.store.delivery(job)[2] == str(sent.id)
 
 
+async def message_left_by_the_dead(world: World, job: int, content: str) -> str:
+    """A message in the channel (what a dead process's interaction showed) that the dead
+    process, holding the job's claim, recorded it was about to show the result in."""
+    earlier = discord.Client(intents=discord.Intents.none())
+    await earlier.login(world.fake.token)
+    try:
+        sent = await earlier.get_partial_messageable(int(world.fake.channel_id)).send(content)
+    finally:
+        await earlier.close()
+    store = SqlJobStore(open_database(world.db_target))
+    assert store.claim_delivery(job, "elsewhere:1:killed")
+    assert store.showing(job, "elsewhere:1:killed", str(sent.id))
+    return str(sent.id)
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("shown", [True, False])
+async def test_an_interaction_edited_by_a_process_killed_before_marking_it_is_read_not_posted_again(
+        world: World, shown: bool) -> None:
+    """Killed between editing its interaction with the result and `mark_delivered`: an edit has
+    no nonce, so the next process first reads the message the dead one recorded (`showing`).
+    If it still shows something else (killed before the edit), the result is posted."""
+    fake = world.fake
+    [job] = await world.finished_while_no_bot_ran("edited, not marked")
+    message_id = await message_left_by_the_dead(world, job, "edited, not marked:1" if shown else "Thinking…")
+    bot = await world.bot()
+    async with running_client(bot, fake):
+        await fake.wait_until(lambda: bot.services.store.delivery(job)[1] is not None, timeout=10)
+        await settle()
+    by, _, delivered_in = bot.services.store.delivery(job)
+    assert by == bot.claims.by
+    if shown:
+        assert len(posts(fake)) == 1 and delivered_in == message_id  # only the dead process's message
+    else:
+        [posted] = said(fake, "edited, not marked:1")
+        assert len(posts(fake)) == 2 and delivered_in == posted.id != message_id
+
+
+@pytest.mark.asyncio
+async def test_a_follower_killed_right_after_showing_the_result_is_not_posted_again(world: World) -> None:
+    """The follower edits the member's interaction with the result and dies before ending its
+    claim (its last database write never happens): the next process posts nothing."""
+    fake = world.fake
+    follower = await world.bot()
+
+    async def killed(*_: Any) -> None:
+        await asyncio.Event().wait()  # the process dies here: nothing after the edit runs
+
+    follower.claims.delivered = killed  # type: ignore[method-assign]
+    async with running_client(follower, fake):
+        interaction = await fake.dispatch_interaction(fake.slash_command("chat", {"prompt": "shown then killed"}))
+        final = await fake.wait_until(
+            lambda: (m := fake.original_response(interaction)) and m.content == "shown then killed:1" and m,
+            timeout=10)
+    await follower.services.close()  # its claim is left to go stale
+    assert SqlJobStore(open_database(world.db_target)).delivery(1)[:2] == (follower.claims.by, None)
+    restarted = await world.bot()
+    async with running_client(restarted, fake):
+        await fake.wait_until(lambda: restarted.services.store.delivery(1)[1] is not None, timeout=10)
+        await settle()
+    assert posts(fake) == [] and [m.id for m in fake.messages(fake.channel_id)] == [final.id]
+    assert restarted.services.store.delivery(1)[::2] == (restarted.claims.by, final.id)
+
+
 @pytest.mark.asyncio
 async def test_a_bot_killed_mid_job_delivers_it_once_after_restart(world: World) -> None:
     """The job was running and its delivery claimed by a process that is gone (no clean stop):

@@ -12,7 +12,9 @@ claim not renewed for `LEASE_S` seconds is taken over.
 After a post, the claim ends with `mark_delivered`. A process killed between the two leaves
 the claim to go stale and the result is posted again, to the channel: with the job's nonce
 (`nonce`), which Discord uses to return the message it made minutes before instead of a
-second one.
+second one. An interaction's edit has no nonce, so before it the follower records which
+message it is about to edit (`showing`); whoever takes a stale claim over first looks at that
+message (`Shown`) and, if it shows the result, ends the claim without posting.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ TOO_LATE = "finished but no bot process could deliver it within 24 hours; result
 
 #: Posts a job's result to its channel; returns the message id, or None if it was not posted.
 Post = Callable[[JobRecord], Awaitable[str | None]]
+#: Whether message ``message_id`` (of the job's channel) already shows the job's whole result.
+Shown = Callable[[JobRecord, str], Awaitable[bool]]
 
 
 def nonce(job_id: int, part: int = 0) -> str:
@@ -64,6 +68,7 @@ class DeliveryClaims:
         self.by = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self._held: set[int] = set()  # claimed here and not ended: renewed while this process lives
         self._post: Post | None = None
+        self._shown: Shown | None = None
         self._loop: asyncio.Task[None] | None = None
         self._delivering: set[asyncio.Task[bool]] = set()
 
@@ -87,6 +92,11 @@ class DeliveryClaims:
         if not await self.services.adb.run(self.services.store.mark_delivered, record.id, self.by, message_id):
             log.warning("job %s was delivered after another process took over its claim", record.id,
                         extra=job_log_fields(record.id, record.kind))
+
+    async def showing(self, record: JobRecord, message_id: str) -> None:
+        """Record that this process is about to show the result in ``message_id`` (see the
+        module docstring)."""
+        await self.services.adb.run(self.services.store.showing, record.id, self.by, message_id)
 
     async def release(self, job_id: int) -> None:
         """Give the claim back: the next scan (of any process) delivers the job."""
@@ -114,7 +124,9 @@ class DeliveryClaims:
         if self._post is None or not await self.claim(record.id):
             return False
         try:
-            message_id = await self._post(record)
+            message_id = await self._already_shown(record)
+            if message_id is None:
+                message_id = await self._post(record)
         except Exception:
             log.exception("job %s: posting its result failed; the next scan tries again", record.id,
                           extra=job_log_fields(record.id, record.kind))
@@ -125,6 +137,15 @@ class DeliveryClaims:
         await self.delivered(record, message_id)
         return True
 
+    async def _already_shown(self, record: JobRecord) -> str | None:
+        """The message a process that died before ending its claim had shown the result in."""
+        _, _, message_id = await self.services.adb.run(self.services.store.delivery, record.id)
+        if message_id is None or self._shown is None or not await self._shown(record, message_id):
+            return None
+        log.info("job %s was shown in message %s by a process that stopped before recording it; not posted again",
+                 record.id, message_id, extra=job_log_fields(record.id, record.kind))
+        return message_id
+
     def deliver_soon(self, record: JobRecord) -> None:
         """`deliver` in the background (from a queue listener)."""
         task = asyncio.create_task(self.deliver(record))
@@ -132,10 +153,11 @@ class DeliveryClaims:
         task.add_done_callback(self._delivering.discard)
 
     # --- the scan ---------------------------------------------------------------------------
-    def start(self, post: Post) -> None:
+    def start(self, post: Post, shown: Shown | None = None) -> None:
         """Deliver what no process follows now, then keep claims alive and scan again every
-        ``every_s`` seconds; once (a second call changes nothing)."""
-        self._post = post
+        ``every_s`` seconds; once (a second call changes nothing). ``shown``: how to tell that
+        a dead process had already shown a result (see the module docstring)."""
+        self._post, self._shown = post, shown
         if self._loop is None:
             self._loop = asyncio.create_task(self._run(), name="delivery-claims")
 

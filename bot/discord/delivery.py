@@ -17,8 +17,9 @@ and the rest through discord.py's `Webhook.partial`. Everything else lives here 
   token's 15 minutes is posted to the channel with the bot token, mentioning the member;
 - errors are ephemeral: after a public deferral the "thinking" message is deleted first;
 - a job's result is posted only by the process holding its delivery claim (`bot.discord.claims`):
-  the responder claims the job when it is accepted, ends the claim once the result shows (or
-  the member was told what became of the job), and gives it back if it could not show it.
+  the responder claims the job when it is accepted, records which message it is about to edit
+  with the result, ends the claim once the result shows (or the member was told what became of
+  the job), and gives it back if it could not show it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import yarl
 
 from bot.core.catalogue import CUSTOM_ID_PREFIX, Ack
 from bot.core.invocation import Button, FileOut, Form, Status, user_error
-from bot.discord.claims import DeliveryClaims, Post, nonce
+from bot.discord.claims import DeliveryClaims, Post, Shown, nonce
 from bot.discord.metrics import DiscordMetrics
 from bot.discord.render import progress_text, render_result, split_text
 from bot.discord.throttle import EditThrottle
@@ -83,6 +84,7 @@ class Transport(Protocol):
     async def respond(self, message: Outgoing) -> None: ...
     async def open_form(self, form: Form) -> None: ...
     async def edit_original(self, message: Outgoing) -> str: ...
+    async def original_id(self) -> str: ...
     async def delete_original(self) -> None: ...
     async def followup(self, message: Outgoing) -> str: ...
 
@@ -187,6 +189,7 @@ class DiscordResponder:
         self.token_window_s = token_window_s
         self.job_id: int | None = None
         self.message_id: str | None = None  # the message showing the result, once delivered
+        self._original_id: str | None = None  # the original response's message, once known
         self._buttons: tuple[Button, ...] = ()
         self._original_filled = False  # an ephemeral deferral's "thinking" message was replaced
         self._lock = asyncio.Lock()  # the first response happens once, whoever gets there first
@@ -253,7 +256,7 @@ class DiscordResponder:
 
     async def _edit_progress(self, content: str) -> None:
         if not self.token_expired():
-            await self.transport.edit_original(Outgoing(content, buttons=self._buttons))
+            self._original_id = await self.transport.edit_original(Outgoing(content, buttons=self._buttons))
 
     async def result(self, record: JobRecord, buttons: Sequence[Button] = ()) -> str | None:
         await self.throttle.close()
@@ -289,12 +292,27 @@ class DiscordResponder:
             return await self._post_late(record, rendered.content, rendered.files, rendered.followups, tuple(buttons))
         await self._defer(ephemeral=self.ack == "ephemeral")
         await self.throttle.wait_turn()
+        await self._showing(record)
         message_id = await self.transport.edit_original(Outgoing(rendered.content, rendered.files, tuple(buttons)))
         if self.metrics is not None:  # the result shows once the original is edited
             self.metrics.delivered(record)
         for chunk in rendered.followups:
             await self.transport.followup(Outgoing(chunk, ephemeral=self.ack == "ephemeral"))
         return message_id
+
+    async def _showing(self, record: JobRecord) -> None:
+        """Tell the claims which message is about to show the result: if this process dies
+        before ending the claim, whoever takes it over looks there before posting. (Ephemeral
+        messages cannot be read back with the bot's token: those are posted again.)"""
+        if self.claims is None or self.ack == "ephemeral":
+            return
+        try:
+            if self._original_id is None:
+                self._original_id = await self.transport.original_id()
+        except discord.HTTPException as exc:
+            log.debug("job %s: could not read its interaction's message id (%s)", record.id, exc)
+            return
+        await self.claims.showing(record, self._original_id)
 
     async def _post_late(self, record: JobRecord, content: str, out: list[FileOut], followups: list[str],
                          buttons: tuple[Button, ...]) -> str | None:
@@ -425,6 +443,24 @@ def channel_post(late_post: LatePost) -> Post:
         return await late_post(record.channel, record, rendered.content, rendered.files, rendered.followups, ())
 
     return post
+
+
+def interaction_shown(client: discord.Client) -> Shown:
+    """`Shown` through the client's REST connection: the message (an interaction's response,
+    read with the bot's token) holds the result's text, and the result has no follow-ups
+    (whether those were sent cannot be told: such a result is posted again)."""
+
+    async def shown(record: JobRecord, message_id: str) -> bool:
+        rendered = render_result(record)
+        if record.channel is None or rendered.followups:
+            return False
+        try:
+            message = await client.get_partial_messageable(int(record.channel)).fetch_message(int(message_id))
+        except (discord.HTTPException, aiohttp.ClientError, OSError):
+            return False
+        return message.content == rendered.content
+
+    return shown
 
 
 def deliver_orphans(services: Services, claims: DeliveryClaims) -> Callable[[], None]:

@@ -51,6 +51,7 @@ from bot.discord.delivery import (
     configure_endpoints,
     deliver_orphans,
     files,
+    interaction_shown,
     serve,
     view,
 )
@@ -100,6 +101,9 @@ class GatewayTransport:
 
     async def open_form(self, form: Form) -> None:
         await self.interaction.response.send_modal(CatalogueModal(form))
+
+    async def original_id(self) -> str:
+        return str((await self.interaction.original_response()).id)
 
     async def edit_original(self, message: Outgoing) -> str:
         sent = await self.interaction.edit_original_response(
@@ -292,7 +296,7 @@ class AigcBot(ext_commands.Bot):
 
     async def on_ready(self) -> None:
         if self._starting is None:  # once: READY after a reconnect changes nothing
-            self.claims.start(channel_post(self.late_post))  # the client can post now
+            self.claims.start(channel_post(self.late_post), interaction_shown(self))  # the client can post now
             self._starting = asyncio.create_task(self.services.start_background())
         await self._starting
 

@@ -55,6 +55,7 @@ from bot.discord.delivery import (
     deliver_orphans,
     files,
     form_json,
+    interaction_shown,
     serve,
     view,
 )
@@ -249,6 +250,10 @@ class HttpTransport:
 
     async def open_form(self, form: Form) -> None:
         self.reply.set_result({"type": MODAL, "data": form_json(form)})
+
+    async def original_id(self) -> str:
+        sent = await self._rest(lambda: self.webhook.fetch_message("@original"))  # type: ignore[arg-type]
+        return str(sent.id)
 
     async def edit_original(self, message: Outgoing) -> str:
         sent = await self._rest(lambda: self.webhook.edit_message(
@@ -469,7 +474,7 @@ class InteractionEndpoint:
         once the client is logged in."""
         if self._stop_orphans is None:
             self._stop_orphans = deliver_orphans(self.services, self.claims)
-            self.claims.start(channel_post(self.late_post))
+            self.claims.start(channel_post(self.late_post), interaction_shown(self.client))
 
     def spawn(self, coro: Any) -> None:
         """Run in the background, referenced until done (the loop keeps only weak references)."""
