@@ -302,3 +302,19 @@ async def test_registered_commands_match_the_gateway_bot(fake_discord: FakeDisco
 
     assert {"chat", "imagine", "speak", "queue", "cancel", "help"} <= {c["name"] for c in over_http}
     assert comparable(over_http) == comparable(over_gateway)
+
+
+@pytest.mark.asyncio
+async def test_the_message_about_to_show_a_result_is_recorded_before_the_edit(fake_discord: FakeDiscord,
+                                                                               make_http_bot: Any) -> None:
+    """So that a process killed right after the edit is not followed by a second, channel post
+    (bot/discord/claims.py): a job done before any progress edit reads its message id first."""
+    fake = fake_discord
+    bot = await make_http_bot({"text": ScriptedGenerator()})
+    reply = await fake.post_interaction(bot.url, fake.slash_command("chat", {"prompt": "quick"}))
+    final = await fake.wait_until(lambda: _final(fake, reply.interaction, "aigc:regen:1"), timeout=10)
+    [read] = fake.find_requests("GET", r"/messages/@original$")
+    [edit] = fake.find_requests("PATCH", r"/messages/@original$")
+    assert read.time < edit.time and final.content == "quick:1"
+    _, delivered_at, message_id = bot.services.store.delivery(1)
+    assert delivered_at is not None and message_id == final.id
