@@ -316,5 +316,5 @@ async def test_the_message_about_to_show_a_result_is_recorded_before_the_edit(fa
     [read] = fake.find_requests("GET", r"/messages/@original$")
     [edit] = fake.find_requests("PATCH", r"/messages/@original$")
     assert read.time < edit.time and final.content == "quick:1"
-    _, delivered_at, message_id = bot.services.store.delivery(1)
-    assert delivered_at is not None and message_id == final.id
+    await fake.wait_until(lambda: bot.services.store.delivery(1)[1] is not None, timeout=10)  # then marked
+    assert bot.services.store.delivery(1)[2] == final.id
