@@ -552,6 +552,12 @@ async def run_http(settings: Settings, host: str, port: int, *, force_sync: bool
     runner: web.AppRunner | None = None
     endpoint: InteractionEndpoint | None = None
     unwatch = services.instruments(DiscordMetrics).watch_rate_limits()
+    # From the start: a SIGTERM while starting (the endpoint may already answer) stops cleanly.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):
+            loop.add_signal_handler(sig, stop.set)
     try:
         await services.serve_monitoring("http")  # before logging in: a port in use stops the start
         try:
@@ -568,11 +574,6 @@ async def run_http(settings: Settings, host: str, port: int, *, force_sync: bool
             print(f"error: cannot listen on {host}:{port}: {exc.strerror}", file=sys.stderr)
             return 1
         await services.start_background()
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            with contextlib.suppress(NotImplementedError, RuntimeError):
-                loop.add_signal_handler(sig, stop.set)
         log.info("serving the interactions endpoint at http://%s:%s/interactions", host, port)
         await stop.wait()
         return 0
