@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, RepetitionPenaltyLogitsProcessor
 
 from generators.base import Request
+from generators.decode_attention import use_decode_attention
 from generators.text_batch import Row, RunningBatch
 
 
@@ -50,3 +52,46 @@ def test_each_row_is_penalized_for_its_own_tokens_as_rows_join_and_leave(tiny_mo
         assert [r.request.job_id for r in batch.rows] == [2, 3]
         for _ in range(2):
             _step_and_check(batch)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "aigc-decode"])
+def test_each_rows_scores_match_its_own_full_pass_through_joins_leaves_and_cache_growth(
+        tiny_model_dir: Path, attention: str) -> None:
+    """The cache (its room stored position first, doubled when full, rows selected and
+    left-padded on joins) gives every row the scores a plain forward pass over that row's
+    prompt and tokens alone gives, with transformers' sdpa and with the engine's attention."""
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()
+    if attention == "aigc-decode":
+        assert use_decode_attention(model)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = RunningBatch(model, int(tokenizer.pad_token_id))
+    reference = AutoModelForCausalLM.from_pretrained(tiny_model_dir).eval()  # sdpa, no cache
+
+    def check() -> None:
+        for i, row in enumerate(batch.rows):
+            alone = reference(input_ids=torch.tensor([row.prompt_ids + row.tokens])).logits[0, -1]
+            torch.testing.assert_close(batch.logits[i], alone, atol=1e-4, rtol=1e-4)
+
+    def step(keep: list[int] | None = None) -> None:
+        chosen = batch.sample()
+        for row, token in zip(batch.rows, chosen, strict=True):
+            row.tokens.append(token)
+        batch.advance(chosen, list(range(len(batch.rows))) if keep is None else keep)
+        check()
+
+    with torch.inference_mode():
+        batch.join([_row(tokenizer, "the cat sat on the mat", 1.0, 1), _row(tokenizer, "a b", 1.0, 2)])
+        check()
+        for _ in range(40):
+            step()
+        batch.join([_row(tokenizer, "a much longer prompt, with punctuation; and more words", 1.3, 3)])
+        check()
+        step(keep=[0, 2])  # the second row leaves
+        room = batch.cache.layers[0].room[0].shape[0]
+        while batch.cache.layers[0].room[0].shape[0] == room:  # until the room is full and doubled,
+            step()
+        for _ in range(3):  # its contents kept
+            step()
+        layer = batch.cache.layers[0]
+        assert layer.keys.shape[2] == layer.length > room
+        assert [r.request.job_id for r in batch.rows] == [1, 3]
