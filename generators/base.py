@@ -190,3 +190,38 @@ class Generator(ABC):
     @property
     def loaded(self) -> bool:
         return self.memory_bytes() > 0
+
+
+class RemoteGenerator(Generator):
+    """A generator whose work happens on a server (a model server's API): the queue awaits
+    ``agenerate`` for each job on its own event loop, with no thread, up to ``concurrency``
+    at once. Nothing is loaded in this process: ``connect`` opens the client on the first job,
+    ``close`` shuts it."""
+
+    local = False  # the server computes; the client only waits
+
+    @abstractmethod
+    async def agenerate(self, request: Request) -> Result:
+        """One request's result. Stops early, with ``Result.cancelled``, once ``request`` is
+        cancelled."""
+
+    @abstractmethod
+    async def connect(self) -> None:
+        """Open the client (once; later calls return at once). GeneratorError if the server
+        cannot be reached or refuses the bot."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Close the client; ``connect`` may open it again."""
+
+    def load(self) -> None:
+        """Nothing to load here: the client connects on the event loop (``connect``)."""
+
+    def unload(self) -> None:
+        """Nothing loaded here (``close`` shuts the client)."""
+
+    def memory_bytes(self) -> int:
+        return 0
+
+    def generate(self, requests: list[Request]) -> list[Result]:
+        raise NotImplementedError(f"{type(self).__name__} is awaited on the event loop (agenerate)")

@@ -1,9 +1,11 @@
 """Text from a model server the operator already runs: any OpenAI-compatible API (vLLM,
-llama.cpp's server, Ollama, or OpenAI itself), through the official ``openai`` client.
+llama.cpp's server, Ollama, or OpenAI itself), through the official ``openai`` client's
+async API (``openai.AsyncOpenAI``), on the bot's event loop.
 
 Each job is one streamed chat completion; the server batches concurrent requests itself,
-so the queue's text lane runs up to ``concurrency`` jobs at once (`Generator.concurrency`)
-and keeps its own order, fairness, quotas and priorities. The streamed text goes to the
+so the queue's text lane awaits up to ``concurrency`` jobs at once (`Generator.concurrency`;
+no thread per job: `generators.base.RemoteGenerator`) and keeps its own order, fairness,
+quotas and priorities. The streamed text goes to the
 member as it comes; a cancel or the job's timeout closes the stream, and the server stops
 generating. Sampling options map to the names the server knows; one it does not know is
 dropped, with a log line once, never an error for the member.
@@ -21,14 +23,15 @@ Errors a member understands: server down, timeout or 5xx → "the text server is
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
-import threading
 import time
 from typing import Any
 
 import openai
 
-from generators.base import Generator, GeneratorError, Request, Result
+from generators.base import GeneratorError, RemoteGenerator, Request, Result
 from generators.lora import check_adapter, served_name
 from generators.sampling import check_params
 
@@ -45,14 +48,14 @@ FLAVOURS: dict[str, dict[str, str]] = {
 #: What ``GET /v1/models`` says a model is ``owned_by`` on each kind of server.
 OWNERS = {"vllm": "vllm", "llamacpp": "llama.cpp", "library": "ollama", "ollama": "ollama"}
 STREAM_EVERY_S = 0.25  # partial text at most this often: the bot throttles its edits further
+CANCEL_POLL_S = 0.05  # how often a streaming job looks at its cancel flag (set by the queue's cancel or timeout)
 
 
-class OpenAITextGenerator(Generator):
+class OpenAITextGenerator(RemoteGenerator):
     """See the module docstring. ``model`` None: the first model the server lists."""
 
     kind = "text"
     max_batch_size = 1
-    local = False  # the server computes; this only reads its stream
 
     def __init__(self, base_url: str, api_key: str | None, model: str | None = None, *,
                  system_prompt: str = "You are a helpful assistant.", max_new_tokens: int = 256,
@@ -70,30 +73,33 @@ class OpenAITextGenerator(Generator):
         self.timeout_s = timeout_s
         self.flavour = flavour
         self.extra_body = dict(extra_body or {})
-        self.client: openai.OpenAI | None = None
+        self.client: openai.AsyncOpenAI | None = None
         #: The model's context length when the server says (vLLM's ``max_model_len``).
         self.context_tokens: int | None = None
-        self._lock = threading.Lock()
+        self._connecting = asyncio.Lock()
         self._dropped: set[str] = set()  # options already logged as unsupported
 
     # --- lifecycle ------------------------------------------------------------------------
-    def load(self) -> None:
+    async def connect(self) -> None:
         """Connect, and learn the model, its context length and the kind of server."""
-        with self._lock:
+        async with self._connecting:
             if self.client is not None:
                 return
-            client = openai.OpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s,
-                                   max_retries=1)
+            client = openai.AsyncOpenAI(base_url=self.base_url, api_key=self.api_key, timeout=self.timeout_s,
+                                        max_retries=1)
             try:
-                models = client.models.list().data
+                models = (await client.models.list()).data
             except openai.AuthenticationError:
+                await client.close()
                 log.error("the text server at %s refused the API key (AIGC_OPENAI_API_KEY)", self.base_url)
                 raise GeneratorError("the text server refused the bot's API key; the operator must fix it") from None
             except (openai.APIConnectionError, openai.APIStatusError) as exc:
+                await client.close()
                 log.error("the text server at %s cannot be reached: %s", self.base_url, exc)
                 raise GeneratorError(UNAVAILABLE) from None
             listed = next((m for m in models if m.id == self.model_name), models[0] if models else None)
             if listed is None:
+                await client.close()
                 raise GeneratorError("the text server serves no model")
             if self.model_name is None:
                 self.model_name = listed.id
@@ -104,14 +110,11 @@ class OpenAITextGenerator(Generator):
             log.info("text server %s: model %s (%s)", self.base_url, self.model_name, self.flavour)
             self.client = client
 
-    def unload(self) -> None:
-        with self._lock:
+    async def close(self) -> None:
+        async with self._connecting:
             if self.client is not None:
-                self.client.close()
+                await self.client.close()
             self.client = None
-
-    def memory_bytes(self) -> int:
-        return 0  # the weights live on the server
 
     # --- requests -------------------------------------------------------------------------
     def check(self, prompt: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -122,11 +125,8 @@ class OpenAITextGenerator(Generator):
             checked["adapter"] = check_adapter(str(adapter))
         return checked
 
-    def generate(self, requests: list[Request]) -> list[Result]:
-        self.load()
-        return [self._one(request) for request in requests]
-
-    def _one(self, request: Request) -> Result:
+    async def agenerate(self, request: Request) -> Result:
+        await self.connect()
         params = request.params
         messages = [{"role": "system", "content": params.get("system_prompt") or self.system_prompt},
                     *params.get("history", []), {"role": "user", "content": request.prompt}]
@@ -135,14 +135,14 @@ class OpenAITextGenerator(Generator):
         arguments = self._sampling(params)
         try:
             try:
-                return self._stream(request, model, messages, arguments, metadata)
+                return await self._stream(request, model, messages, arguments, metadata)
             except openai.NotFoundError:
                 if model == self.model_name:
                     raise
                 # The adapter is not loaded on the server (a restart, another replica): load it once.
-                if not self._load_adapter(model, str(params["adapter"]), metadata):
+                if not await self._load_adapter(model, str(params["adapter"]), metadata):
                     model = str(self.model_name)
-                return self._stream(request, model, messages, arguments, metadata)
+                return await self._stream(request, model, messages, arguments, metadata)
         except openai.AuthenticationError:
             log.error("the text server at %s refused the API key (AIGC_OPENAI_API_KEY)", self.base_url)
             raise GeneratorError("the text server refused the bot's API key; the operator must fix it") from None
@@ -153,40 +153,48 @@ class OpenAITextGenerator(Generator):
             log.warning("text server %s: %s", self.base_url, exc)
             raise GeneratorError(UNAVAILABLE) from None
 
-    def _stream(self, request: Request, model: str, messages: list[dict[str, Any]], arguments: dict[str, Any],
-                metadata: dict[str, Any]) -> Result:
+    async def _stream(self, request: Request, model: str, messages: list[dict[str, Any]],
+                      arguments: dict[str, Any], metadata: dict[str, Any]) -> Result:
+        """One streamed completion. A cancel (or the job's timeout) stops it at once, even while
+        the server has sent nothing yet (a long prompt): the task reading the stream is
+        cancelled, which closes the connection, and that is how the server hears it."""
         assert self.client is not None
-        if request.cancelled():  # cancelled while connecting: never ask the server
-            return Result(text="", metadata={**metadata, "tokens": 0}, cancelled=True)
-        stream = self.client.chat.completions.create(
-            model=model, messages=messages, stream=True, stream_options={"include_usage": True},  # type: ignore[arg-type]
-            **arguments)
-        closer = _CloseOnCancel(request, stream)
-        text, tokens, shown_at, finish = "", 0, 0.0, None
-        try:
-            for chunk in stream:
-                if request.cancelled():
-                    return Result(text=text, metadata={**metadata, "tokens": tokens}, cancelled=True)
-                if chunk.usage is not None:
-                    tokens = chunk.usage.completion_tokens or tokens
-                for choice in chunk.choices:
-                    text += choice.delta.content or ""
-                    finish = choice.finish_reason or finish
-                now = time.monotonic()
-                if now - shown_at >= STREAM_EVERY_S and text:
-                    shown_at = now
-                    request.on_partial(text)
-        except (openai.APIConnectionError, openai.APITimeoutError):
-            if request.cancelled():  # our own close from the cancel watcher
-                return Result(text=text, metadata={**metadata, "tokens": tokens}, cancelled=True)
-            raise
-        finally:
-            closer.done()
-            stream.close()
+        client = self.client
+        answer = {"text": "", "tokens": 0, "finish": None}
+
+        async def read() -> None:
+            stream = await client.chat.completions.create(
+                model=model, messages=messages, stream=True, stream_options={"include_usage": True},  # type: ignore[arg-type]
+                **arguments)
+            shown_at = 0.0
+            async with stream:
+                async for chunk in stream:
+                    if chunk.usage is not None:
+                        answer["tokens"] = chunk.usage.completion_tokens or answer["tokens"]
+                    for choice in chunk.choices:
+                        answer["text"] += choice.delta.content or ""
+                        answer["finish"] = choice.finish_reason or answer["finish"]
+                    now = time.monotonic()
+                    if now - shown_at >= STREAM_EVERY_S and answer["text"]:
+                        shown_at = now
+                        request.on_partial(answer["text"])
+
+        if not request.cancelled():  # cancelled while connecting: never ask the server
+            reading = asyncio.create_task(read())
+            try:
+                while not reading.done() and not request.cancelled():
+                    await asyncio.wait([reading], timeout=CANCEL_POLL_S)
+            finally:  # cancelled, or the job's own task stopped (the bot shutting down)
+                if not reading.done():
+                    reading.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await reading
+            if not reading.cancelled():
+                reading.result()  # the server's error, if any
+        used = {**metadata, "tokens": answer["tokens"]}
         if request.cancelled():
-            return Result(text=text, metadata={**metadata, "tokens": tokens}, cancelled=True)
-        return Result(text=text, metadata={**metadata, "tokens": tokens, "model": model,
-                                           "finish_reason": finish})
+            return Result(text=str(answer["text"]), metadata=used, cancelled=True)
+        return Result(text=str(answer["text"]), metadata={**used, "model": model, "finish_reason": answer["finish"]})
 
     def _sampling(self, params: dict[str, Any]) -> dict[str, Any]:
         """The job's sampling options under the server's names; the rest dropped (logged once)."""
@@ -218,37 +226,18 @@ class OpenAITextGenerator(Generator):
         metadata["adapter"] = name
         return name
 
-    def _load_adapter(self, name: str, folder: str, metadata: dict[str, Any]) -> bool:
+    async def _load_adapter(self, name: str, folder: str, metadata: dict[str, Any]) -> bool:
         """Ask vLLM to load an adapter folder under ``name``; False (and why) if it cannot."""
         assert self.client is not None
         try:
-            self.client.post("/load_lora_adapter", body={"lora_name": name, "lora_path": folder},
-                             cast_to=str)
+            await self.client.post("/load_lora_adapter", body={"lora_name": name, "lora_path": folder},
+                                   cast_to=str)
         except openai.APIStatusError as exc:
             log.warning("text server %s cannot load adapter %s from %s: %s", self.base_url, name, folder, exc)
             metadata["adapter"] = f"{name} could not be loaded on the text server: the base model answered"
             return False
         log.info("text server %s: loaded adapter %s", self.base_url, name)
         return True
-
-
-class _CloseOnCancel:
-    """Closes a stream as soon as its request is cancelled, even while the server has not
-    sent anything yet (a long prompt): closing the connection is how the server hears it."""
-
-    def __init__(self, request: Request, stream: Any) -> None:
-        self._finished = threading.Event()
-        self._thread = threading.Thread(target=self._watch, args=(request, stream), daemon=True)
-        self._thread.start()
-
-    def _watch(self, request: Request, stream: Any) -> None:
-        while not self._finished.wait(0.05):
-            if request.cancelled():
-                stream.close()
-                return
-
-    def done(self) -> None:
-        self._finished.set()
 
 
 def _reason(exc: openai.APIStatusError) -> str:

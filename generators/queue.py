@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-from generators.base import Cancelled, Feed, GeneratorError, Output, Request, Result
+from generators.base import Cancelled, Feed, GeneratorError, Output, RemoteGenerator, Request, Result
 from generators.registry import ModelRegistry
 from storage.database import AsyncDatabase
 from storage.jobs import Artifact, JobLimits, JobNotFound, JobRecord, JobStore, LimitReached, NewJob, QuotaExceeded
@@ -339,6 +339,8 @@ class GenerationQueue:
             await asyncio.gather(*pending, return_exceptions=True)
             for job_id in stuck:
                 await self._db.run(self.store.requeue, job_id, "interrupted by shutdown; queued again")
+        for generator in self.registry.remote():
+            await generator.close()
         if self._owns_db:
             self._db.close()
         self._started = False
@@ -589,7 +591,9 @@ class GenerationQueue:
         error: str | None = None
         feed: _QueueFeed | None = None
         try:
-            if generator.continuous:
+            if isinstance(generator, RemoteGenerator):  # a server's client: awaited here, no thread
+                results = [await generator.agenerate(request) for request in run.requests]
+            elif generator.continuous:
                 feed = _QueueFeed(self, run, asyncio.get_running_loop())
                 await run_in_fresh_thread(f"lane-{lane.kind}", self._serve, lane.kind, model, list(run.requests),
                                           feed, nice=nice)

@@ -31,7 +31,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import TypeVar
 
-from generators.base import Generator, GeneratorError
+from generators.base import Generator, GeneratorError, RemoteGenerator
 from generators.device_memory import DeviceMemory, is_out_of_memory
 
 log = logging.getLogger(__name__)
@@ -127,6 +127,11 @@ class ModelRegistry:
 
     def budget_bytes(self) -> int:
         return self.memory.budget_bytes()
+
+    def remote(self) -> list[RemoteGenerator]:
+        """The model servers' clients made so far (the queue closes them when it stops)."""
+        with self._lock:
+            return [g for g in self._generators.values() if isinstance(g, RemoteGenerator)]
 
     def unload_all(self) -> None:
         with self._lock:

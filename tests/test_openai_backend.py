@@ -7,6 +7,7 @@ The same backend against a real vLLM server is `tests/test_vllm.py`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -115,6 +116,32 @@ async def test_cancel_closes_the_stream_and_the_server_stops(server: FakeOpenAI,
     assert asyncio.get_running_loop().time() - stopped_at < 1.0
     out = await job
     assert out.errors == ["Job 1 was cancelled."] and (await services.queue.get(1)).status == "cancelled"
+
+
+@pytest.mark.asyncio
+async def test_stopping_the_bot_mid_answer_closes_the_stream_and_queues_the_job_again(
+        server: FakeOpenAI, make_services: Any) -> None:
+    server.token_delay_s = 0.2  # a long answer
+    services = await make_services(server.url)
+    job = asyncio.create_task(chat(services, " ".join(["word"] * 14), max_tokens=16))
+    for _ in range(100):
+        if server.open_streams:
+            break
+        await asyncio.sleep(0.02)
+    assert server.open_streams == 1
+    [generator] = services.registry.remote()
+    stopped_at = asyncio.get_running_loop().time()
+    await services.queue.stop()
+    assert asyncio.get_running_loop().time() - stopped_at < 1.0
+    for _ in range(50):  # the server sees the connection close
+        if not server.open_streams:
+            break
+        await asyncio.sleep(0.02)
+    assert server.open_streams == 0 and generator.client is None  # the client is closed too
+    assert (await services.queue.get(1)).status == "queued"  # for the next start, not lost
+    job.cancel()  # the member's command, still waiting for its answer
+    with contextlib.suppress(asyncio.CancelledError):
+        await job
 
 
 @pytest.mark.asyncio
