@@ -99,21 +99,34 @@ async def test_a_server_that_is_down_or_refuses_the_key_or_the_request(server: F
                                "this model"]
 
 
-@pytest.mark.asyncio
-async def test_cancel_closes_the_stream_and_the_server_stops(server: FakeOpenAI, make_services: Any) -> None:
-    server.token_delay_s = 0.2  # a long answer
-    services = await make_services(server.url)
+async def long_answer(server: FakeOpenAI, services: Any) -> asyncio.Task[Any]:
+    """A member's /chat whose answer streams slowly (about 3 s), once its stream is open."""
+    server.token_delay_s = 0.2
     job = asyncio.create_task(chat(services, " ".join(["word"] * 14), max_tokens=16))
     for _ in range(100):
         if server.open_streams:
             break
         await asyncio.sleep(0.02)
     assert server.open_streams == 1
-    await services.queue.cancel(1)
-    stopped_at = asyncio.get_running_loop().time()
-    while server.open_streams:
+    return job
+
+
+async def until_closed(server: FakeOpenAI) -> float:
+    """Seconds until the server has no stream open (at most about 2)."""
+    start = asyncio.get_running_loop().time()
+    for _ in range(100):
+        if not server.open_streams:
+            break
         await asyncio.sleep(0.02)
-    assert asyncio.get_running_loop().time() - stopped_at < 1.0
+    return asyncio.get_running_loop().time() - start
+
+
+@pytest.mark.asyncio
+async def test_cancel_closes_the_stream_and_the_server_stops(server: FakeOpenAI, make_services: Any) -> None:
+    services = await make_services(server.url)
+    job = await long_answer(server, services)
+    await services.queue.cancel(1)
+    assert await until_closed(server) < 1.0 and server.open_streams == 0
     out = await job
     assert out.errors == ["Job 1 was cancelled."] and (await services.queue.get(1)).status == "cancelled"
 
@@ -121,23 +134,14 @@ async def test_cancel_closes_the_stream_and_the_server_stops(server: FakeOpenAI,
 @pytest.mark.asyncio
 async def test_stopping_the_bot_mid_answer_closes_the_stream_and_queues_the_job_again(
         server: FakeOpenAI, make_services: Any) -> None:
-    server.token_delay_s = 0.2  # a long answer
     services = await make_services(server.url)
-    job = asyncio.create_task(chat(services, " ".join(["word"] * 14), max_tokens=16))
-    for _ in range(100):
-        if server.open_streams:
-            break
-        await asyncio.sleep(0.02)
-    assert server.open_streams == 1
+    job = await long_answer(server, services)
     [generator] = services.registry.remote()
     stopped_at = asyncio.get_running_loop().time()
     await services.queue.stop()
     assert asyncio.get_running_loop().time() - stopped_at < 1.0
-    for _ in range(50):  # the server sees the connection close
-        if not server.open_streams:
-            break
-        await asyncio.sleep(0.02)
-    assert server.open_streams == 0 and generator.client is None  # the client is closed too
+    assert await until_closed(server) < 1.0 and server.open_streams == 0
+    assert generator.client is None  # the client is closed too
     assert (await services.queue.get(1)).status == "queued"  # for the next start, not lost
     job.cancel()  # the member's command, still waiting for its answer
     with contextlib.suppress(asyncio.CancelledError):
