@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import openai
@@ -160,7 +161,7 @@ class OpenAITextGenerator(RemoteGenerator):
         cancelled, which closes the connection, and that is how the server hears it."""
         assert self.client is not None
         client = self.client
-        answer = {"text": "", "tokens": 0, "finish": None}
+        answer = _Answer()
 
         async def read() -> None:
             stream = await client.chat.completions.create(
@@ -170,14 +171,14 @@ class OpenAITextGenerator(RemoteGenerator):
             async with stream:
                 async for chunk in stream:
                     if chunk.usage is not None:
-                        answer["tokens"] = chunk.usage.completion_tokens or answer["tokens"]
+                        answer.tokens = chunk.usage.completion_tokens or answer.tokens
                     for choice in chunk.choices:
-                        answer["text"] += choice.delta.content or ""
-                        answer["finish"] = choice.finish_reason or answer["finish"]
+                        answer.text += choice.delta.content or ""
+                        answer.finish = choice.finish_reason or answer.finish
                     now = time.monotonic()
-                    if now - shown_at >= STREAM_EVERY_S and answer["text"]:
+                    if now - shown_at >= STREAM_EVERY_S and answer.text:
                         shown_at = now
-                        request.on_partial(answer["text"])
+                        request.on_partial(answer.text)
 
         if not request.cancelled():  # cancelled while connecting: never ask the server
             reading = asyncio.create_task(read())
@@ -191,10 +192,10 @@ class OpenAITextGenerator(RemoteGenerator):
                         await reading
             if not reading.cancelled():
                 reading.result()  # the server's error, if any
-        used = {**metadata, "tokens": answer["tokens"]}
+        used = {**metadata, "tokens": answer.tokens}
         if request.cancelled():
-            return Result(text=str(answer["text"]), metadata=used, cancelled=True)
-        return Result(text=str(answer["text"]), metadata={**used, "model": model, "finish_reason": answer["finish"]})
+            return Result(text=answer.text, metadata=used, cancelled=True)
+        return Result(text=answer.text, metadata={**used, "model": model, "finish_reason": answer.finish})
 
     def _sampling(self, params: dict[str, Any]) -> dict[str, Any]:
         """The job's sampling options under the server's names; the rest dropped (logged once)."""
@@ -238,6 +239,15 @@ class OpenAITextGenerator(RemoteGenerator):
             return False
         log.info("text server %s: loaded adapter %s", self.base_url, name)
         return True
+
+
+@dataclass
+class _Answer:
+    """A streamed answer so far."""
+
+    text: str = ""
+    tokens: int = 0
+    finish: str | None = None
 
 
 def _reason(exc: openai.APIStatusError) -> str:
