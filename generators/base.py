@@ -102,9 +102,25 @@ class Request:
     cancel_event: threading.Event = field(default_factory=threading.Event)
     on_progress: Callable[[float, str], None] = lambda fraction, note: None
     on_partial: Callable[[str], None] = lambda text: None
+    _on_cancel: list[Callable[[], None]] = field(default_factory=list, repr=False)
 
     def cancelled(self) -> bool:
         return self.cancel_event.is_set()
+
+    def cancel(self) -> None:
+        """Stop this request: set its flag (which generators in threads look at between steps)
+        and call whoever asked to hear of it (`when_cancelled`)."""
+        self.cancel_event.set()
+        for callback in list(self._on_cancel):
+            callback()
+
+    def when_cancelled(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call ``callback`` on `cancel` (at once if already cancelled); returns the function
+        that forgets it. The callback may run on any thread."""
+        self._on_cancel.append(callback)
+        if self.cancelled():
+            callback()
+        return lambda: self._on_cancel.remove(callback)
 
 
 class Feed(ABC):

@@ -24,7 +24,6 @@ Errors a member understands: server down, timeout or 5xx → "the text server is
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from dataclasses import dataclass
@@ -49,7 +48,6 @@ FLAVOURS: dict[str, dict[str, str]] = {
 #: What ``GET /v1/models`` says a model is ``owned_by`` on each kind of server.
 OWNERS = {"vllm": "vllm", "llamacpp": "llama.cpp", "library": "ollama", "ollama": "ollama"}
 STREAM_EVERY_S = 0.25  # partial text at most this often: the bot throttles its edits further
-CANCEL_POLL_S = 0.05  # how often a streaming job looks at its cancel flag (set by the queue's cancel or timeout)
 
 
 class OpenAITextGenerator(RemoteGenerator):
@@ -182,16 +180,16 @@ class OpenAITextGenerator(RemoteGenerator):
 
         if not request.cancelled():  # cancelled while connecting: never ask the server
             reading = asyncio.create_task(read())
+            loop = asyncio.get_running_loop()
+            forget = request.when_cancelled(lambda: loop.call_soon_threadsafe(reading.cancel))
             try:
-                while not reading.done() and not request.cancelled():
-                    await asyncio.wait([reading], timeout=CANCEL_POLL_S)
-            finally:  # cancelled, or the job's own task stopped (the bot shutting down)
-                if not reading.done():
-                    reading.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await reading
-            if not reading.cancelled():
-                reading.result()  # the server's error, if any
+                await reading  # the server's error, if any, is raised here
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the job's own task is stopping (the bot shutting down): pass it on
+            finally:
+                forget()
         used = {**metadata, "tokens": answer.tokens}
         if request.cancelled():
             return Result(text=answer.text, metadata=used, cancelled=True)

@@ -327,7 +327,7 @@ class GenerationQueue:
         self._stopping = True
         for lane in self._lanes.values():
             for request in lane.running.values():
-                request.cancel_event.set()
+                request.cancel()
             lane.wakeup.set()
         tasks = [lane.task for lane in self._lanes.values() if lane.task]
         _, pending = await asyncio.wait(tasks, timeout=grace_s) if tasks else (set(), set())
@@ -502,7 +502,7 @@ class GenerationQueue:
                 self._publish_positions(lane)
             request = lane.running.get(job_id)
             if request is not None:
-                request.cancel_event.set()
+                request.cancel()
         return status
 
     # --- the lane worker ------------------------------------------------------------------
@@ -752,7 +752,7 @@ class GenerationQueue:
 
     def _time_out(self, request: Request) -> None:
         self._timed_out.add(request.job_id)
-        request.cancel_event.set()
+        request.cancel()
 
     async def _heartbeat(self, run: _Run) -> None:
         """Keep the claims alive and pick up cancels requested by other processes (the CLI)."""
@@ -762,7 +762,7 @@ class GenerationQueue:
             await self._db.run(self.store.heartbeat, list(running))
             run.lane.heartbeat_at = time.time()
             for job_id in await self._db.run(self.store.cancel_requested, list(running)):
-                running[job_id].cancel_event.set()
+                running[job_id].cancel()
 
     def _is_dead(self, worker: str | None, heartbeat_at: float | None) -> bool:
         if not worker:
