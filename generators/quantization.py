@@ -12,11 +12,12 @@
   with fp32 < 50 %): one scale for each whole input cannot hold the few channels that are tens
   of times larger than the rest. ``int8-smooth`` fixes that the SmoothQuant way: each layer
   divides its input by per-channel factors measured on a calibration text at load and
-  multiplies its weight by them (`SmoothInt8Linear`); the MLP's output projection stays fp16
-  (`INT8_SKIP`). Agreement 95.8 %, perplexity +0.7 %, and on an AMD EPYC (AVX512-VNNI) decode
-  steps about 1.2× (8 rows) to 1.4× (32 rows) as fast as fp16-weights, so it is the default on
-  x86 CPUs with VNNI. Rows of one pass share its input scale, so a
-  request's text can differ a little with what it is batched with.
+  multiplies its weight by them (`SmoothInt8Linear`); the MLP's output projection, whose
+  outliers depend on the token, takes a scale per row (`INT8_PER_ROW`). Agreement 93.2 %,
+  perplexity +0.3 %, and on an AMD EPYC (AVX512-VNNI) the engine 1.1-1.2× (8 rows) and
+  1.3-1.4× (32 rows) as fast as fp16-weights, so it is the default on x86 CPUs with VNNI. Rows of
+  one pass share the other layers' input scale, so a request's text can differ a little with
+  what it is batched with.
   ``fp16-weights`` is the default on other x86 CPUs: every Linear's weight
   is stored in fp16 and packed once for fbgemm, the math stays fp32 (agreement 100 %, same
   perplexity). A decode step of a few rows streams every weight once, and fbgemm's packed
@@ -287,18 +288,22 @@ class PackedFp16Linear(FrozenLinear):
 #: weight. Measured on SmolLM2-135M (next-token agreement with fp32 over a held-out text, the
 #: output head in fp16, an earlier calibration text): 94.0 % at 0.5, 96.9 % at 0.65, 94.3 % at 0.8.
 SMOOTH_ALPHA = 0.65
-#: Layers ``int8-smooth`` leaves in fp16: the MLP's output projection, whose input (the gated
-#: activation) has outliers no per-tensor int8 scale holds. In int8 too, SmolLM2's agreement
-#: falls from 96.9 % to 80 % and its perplexity rises 13 %; with a scale per row instead it
-#: keeps 93 %, but the per-row scaling leaves those products at 32 rows only ~15 % faster than
-#: bf16 (docs/benchmarks.md). The output head is int8: agreement 97.1 % → 95.8 %, perplexity
-#: +0.2 % → +0.7 %, for 5-8 % more tokens a second.
-INT8_SKIP = ("down_proj", "fc2", "dense_4h_to_h", "w2")
+#: Layers ``int8-smooth`` quantizes with a scale per row of the input instead of one per pass:
+#: the MLP's output projection, whose input (the gated activation) has outliers that depend on
+#: the token, which no one scale for a whole pass holds (SmolLM2's agreement 80 %, perplexity
+#: +13 %). Per row (each row divided by its largest value before the product, the output
+#: multiplied back), five held-out texts keep 92.0-93.5 % agreement and perplexity within
+#: +0.3-3.4 % of fp32, against 93.3-95.8 % and 0-1.9 % with this layer in fp16, and the engine's
+#: decode steps run 47.5 ms instead of 52.3 at 32 rows and 26.5 instead of 27.4 at 8 (AMD EPYC,
+#: lockstep; docs/benchmarks.md). The output head takes the shared scale: agreement 97.1 % →
+#: 95.8 %, perplexity +0.2 % → +0.7 %, for 5-8 % more tokens a second.
+INT8_PER_ROW = ("down_proj", "fc2", "dense_4h_to_h", "w2")
 
 
 class SmoothInt8Linear(FrozenLinear):
     """A Linear computed in int8 by fbgemm: weights per output channel, the input quantized
-    per pass (one scale for the whole tensor), accumulation in int32, output fp32.
+    per pass (one scale for the whole tensor) or, with ``per_row``, per row, accumulation in
+    int32, output fp32.
 
     One scale for a whole input fails where a few channels are far larger than the rest, as in
     every transformer. So the layer divides its input by a per-channel factor ``s`` and
@@ -311,13 +316,16 @@ class SmoothInt8Linear(FrozenLinear):
     packed: Any
     inv_smooth: torch.Tensor
     reduce_range: bool
+    per_row: bool
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, input_absmax: torch.Tensor | None, *,
-                    alpha: float = SMOOTH_ALPHA, reduce_range: bool = False) -> SmoothInt8Linear:
+                    alpha: float = SMOOTH_ALPHA, reduce_range: bool = False, per_row: bool = False
+                    ) -> SmoothInt8Linear:
         """``input_absmax``: each input channel's largest magnitude while calibrating (None: no
         smoothing). ``reduce_range``: 7-bit inputs, for CPUs without VNNI, whose 16-bit
-        intermediate sums would otherwise overflow."""
+        intermediate sums would otherwise overflow. ``per_row``: each row of the input gets its
+        own scale, so one row's outliers cost the others no precision."""
         layer = cls.frozen(linear)
         weight = linear.weight.detach().float()
         smooth = torch.ones(linear.in_features)
@@ -332,13 +340,22 @@ class SmoothInt8Linear(FrozenLinear):
             warnings.filterwarnings("ignore", message=".*quantized tensor creation.*")
             qweight = torch.quantize_per_channel(scaled, scales, torch.zeros(len(scales), dtype=torch.long), 0,
                                                  torch.qint8)
-        layer.packed = torch.ops.quantized.linear_prepack(qweight, layer.bias)
+        layer.packed = torch.ops.quantized.linear_prepack(qweight, None if per_row else layer.bias)
         layer.inv_smooth = 1 / smooth
         layer.reduce_range = reduce_range
+        layer.per_row = per_row
         return layer
 
     def fast(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.quantized.linear_dynamic(x * self.inv_smooth, self.packed, self.reduce_range)
+        smoothed = x * self.inv_smooth
+        if not self.per_row:
+            return torch.ops.quantized.linear_dynamic(smoothed, self.packed, self.reduce_range)
+        # fbgemm scales a pass as a whole: bring every row to [-1, 1] first, scale back after
+        # (the bias is left out of the packed weight, or it would be scaled too).
+        largest = smoothed.abs().amax(-1, keepdim=True).clamp_(min=1e-12)
+        out = torch.ops.quantized.linear_dynamic(smoothed.div_(largest), self.packed, self.reduce_range)
+        out.mul_(largest)
+        return out if self.bias is None else out + self.bias
 
     def packed_bytes(self) -> int:
         """int8 weights, one fp64 scale per output and one fp32 factor per input channel."""
@@ -354,16 +371,18 @@ def pack_fp16_weights(model: torch.nn.Module, *, bf16: bool | None = None) -> No
 
 
 def quantize_int8_smooth(model: torch.nn.Module, calibration: torch.Tensor) -> None:
-    """``int8-smooth``, in place: every Linear, the output head included, but those named in
-    ``INT8_SKIP`` becomes a ``SmoothInt8Linear`` smoothed by what ``calibration`` (token ids,
-    [1, tokens]) shows of its inputs; the rest are packed fp16 as in ``fp16-weights``."""
+    """``int8-smooth``, in place: every Linear, the output head included, becomes a
+    ``SmoothInt8Linear`` smoothed by what ``calibration`` (token ids, [1, tokens]) shows of its
+    inputs, those named in ``INT8_PER_ROW`` with a scale per row; a Linear the calibration pass
+    never reached is packed fp16 as in ``fp16-weights``."""
     absmax = input_absmax(model, calibration)
     reduce_range = not cpu_has_vnni()
     bf16 = cpu_has_native_bf16()
 
     def convert(name: str, linear: torch.nn.Linear) -> torch.nn.Module:
-        if name in absmax and name.rsplit(".", 1)[-1] not in INT8_SKIP:
-            return SmoothInt8Linear.from_linear(linear, absmax[name], reduce_range=reduce_range)
+        if name in absmax:
+            return SmoothInt8Linear.from_linear(linear, absmax[name], reduce_range=reduce_range,
+                                                per_row=name.rsplit(".", 1)[-1] in INT8_PER_ROW)
         return PackedFp16Linear.from_linear(linear, bf16=bf16)
 
     _replace_linears(model, convert)

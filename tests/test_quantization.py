@@ -194,7 +194,32 @@ def test_smoothing_keeps_int8_close_where_outlier_channels_ruin_plain_int8() -> 
     assert x.grad is not None and torch.allclose(x.grad, linear.weight.detach().half().float().sum(0).expand(32, -1))
 
 
-def test_int8_smooth_calibrates_and_quantizes_all_but_the_mlp_output_and_keeps_the_answers(
+@pytest.mark.parametrize("bias", [False, True])
+def test_a_per_row_int8_layer_keeps_each_rows_precision_next_to_a_huge_row(bias: bool) -> None:
+    """With one scale per pass, a row's precision depends on the largest value in any row; per
+    row, a row next to a huge outlier row keeps its own precision."""
+    generator = torch.Generator().manual_seed(1)
+    linear = torch.nn.Linear(64, 32, bias=bias)
+    if bias:  # as large as the products, so a bias scaled with the rows would show
+        linear.bias.data = 3 * torch.randn(32, generator=generator)
+    calibration = _outlier_inputs(256, generator)
+    per_row = quantization.SmoothInt8Linear.from_linear(linear, calibration.abs().amax(0), per_row=True)
+    shared = quantization.SmoothInt8Linear.from_linear(linear, calibration.abs().amax(0))
+    x = _outlier_inputs(8, generator)
+    crowd = torch.cat([x, 500 * torch.randn(1, 64, generator=generator)])  # one row far larger than the rest
+    with torch.inference_mode():
+        exact = linear(x)
+
+        def error(out: torch.Tensor) -> float:
+            return float((out - exact).abs().mean() / exact.abs().mean())
+
+        assert error(shared(x)) < 0.02
+        in_crowd = error(per_row(crowd)[:8])
+        assert in_crowd < 0.02
+        assert error(shared(crowd)[:8]) > 4 * in_crowd  # the shared scale loses those rows' precision
+
+
+def test_int8_smooth_calibrates_and_quantizes_every_layer_the_mlp_output_per_row_and_keeps_the_answers(
         tiny_model_dir: Path) -> None:
     from transformers import AutoTokenizer
 
@@ -208,11 +233,11 @@ def test_int8_smooth_calibrates_and_quantizes_all_but_the_mlp_output_and_keeps_t
     with pytest.raises(quantization.QuantizationError, match="calibration"):
         quantization.apply_after_load(model, "int8-smooth", "cpu")
     quantization.apply_after_load(model, "int8-smooth", "cpu", tokenizer)
-    kinds = {name: type(module).__name__ for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear)}
-    assert kinds["lm_head"] == "SmoothInt8Linear" and len(kinds) == 1 + 7 * 2  # the head, 7 per layer
-    for name, kind in kinds.items():
-        assert kind == ("PackedFp16Linear" if name.endswith("down_proj") else "SmoothInt8Linear"), name
+    layers = {name: module for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
+    assert len(layers) == 1 + 7 * 2  # the head, 7 per layer
+    for name, layer in layers.items():
+        assert isinstance(layer, quantization.SmoothInt8Linear), name
+        assert layer.per_row == name.endswith("down_proj"), name
     # the calibration hooks are gone, and every layer was smoothed by what it saw
     assert not any(module._forward_pre_hooks for module in model.modules())
     q_proj = model.model.layers[0].self_attn.q_proj
@@ -250,11 +275,11 @@ def test_int8_smooth_converts_each_model_family_and_keeps_its_answers(family: st
     model.load_state_dict(reference.state_dict())
     quantization.quantize_int8_smooth(model, torch.randint(3, 300, (1, 128)))
     assert use_decode_attention(model)
-    kinds = {name.rsplit(".", 1)[-1]: type(module).__name__ for name, module in model.named_modules()
-             if isinstance(module, torch.nn.Linear)}
+    kinds = {name.rsplit(".", 1)[-1]: (type(module).__name__, getattr(module, "per_row", None))
+             for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)}
     if family != "gpt2":  # GPT-2's Conv1D layers stay as they are: only its head is an nn.Linear
-        assert kinds.pop("down_proj") == "PackedFp16Linear"  # the MLP output stays fp16
-    assert set(kinds.values()) == {"SmoothInt8Linear"}
+        assert kinds.pop("down_proj") == ("SmoothInt8Linear", True)  # the MLP output: a scale per row
+    assert set(kinds.values()) == {("SmoothInt8Linear", False)}
     assert len(kinds) == {"gpt2": 1, "phi3": 4}.get(family, 7)  # the head included
     ids = torch.randint(3, 300, (2, 24))
     expected, got = _logits(reference, ids), _logits(model, ids)
